@@ -1,0 +1,1 @@
+"""clients layer of vita-duplex."""

@@ -1,0 +1,1 @@
+"""duplex layer of vita-duplex."""
