@@ -1,0 +1,177 @@
+"""Video preprocessing: frame sampling for uploaded clips and for the live webcam stream.
+
+Uploaded clips follow VITA's offline demo: sample at 1 fps by timestamp, then take frames
+uniformly so there are between 4 and 16. Live streams use the interactive demo's policy: a
+few frames spread uniformly over the last couple of seconds. Every frame becomes one 448x448
+tile (max_dynamic_patch=1, no thumbnail), i.e. 256 LLM tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from models.errors import InvalidVideoError
+from models.image_tiling import as_image, normalize_tiles
+
+T = TypeVar("T")
+
+_ACCEPTED = "video must be a container OpenCV's FFmpeg can decode (MP4, WEBM, AVI or MKV)"
+
+
+def decode_video_frames(
+    data_or_path: bytes | str | os.PathLike[str],
+    *,
+    fps: float = 1.0,
+    min_frames: int = 4,
+    max_frames: int = 16,
+) -> list[Image.Image]:
+    """Decode a clip (bytes or a path) and return between min_frames and max_frames RGB frames.
+
+    Fewer are returned only when the clip itself has fewer than min_frames frames.
+    """
+    if not fps > 0 or not 1 <= min_frames <= max_frames:
+        raise ValueError(
+            f"need fps > 0 and 1 <= min_frames <= max_frames; got {fps}, {min_frames}, {max_frames}"
+        )
+    with _video_path(data_or_path) as path:
+        total, container_fps = _count_frames(path)
+        if total == 0:
+            raise InvalidVideoError(f"video has no decodable frames; {_ACCEPTED}")
+        wanted = sample_frame_indices(
+            total, container_fps, fps=fps, min_frames=min_frames, max_frames=max_frames
+        )
+        frames = _read_frames(path, wanted)
+    if not frames:
+        raise InvalidVideoError(f"video frames could not be decoded; {_ACCEPTED}")
+    return frames
+
+
+def sample_frame_indices(
+    total: int,
+    container_fps: float,
+    *,
+    fps: float = 1.0,
+    min_frames: int = 4,
+    max_frames: int = 16,
+) -> list[int]:
+    """Frame indices to keep: one per 1/fps seconds, then uniform down to max / up to min frames."""
+    if math.isfinite(container_fps) and container_fps > 0:
+        step = container_fps / fps
+        # Frame nearest to each sampling instant k/fps; rounding can land on `total`, so filter.
+        instants = {round(k * step) for k in range(math.ceil(total / step))}
+        candidates = sorted(i for i in instants if i < total)
+    else:
+        candidates = list(range(total))  # no timing information: treat every frame as a candidate
+    if len(candidates) > max_frames:
+        return [candidates[k] for k in _uniform(len(candidates), max_frames)]
+    if len(candidates) < min_frames:
+        return _uniform(total, min(min_frames, total))
+    return candidates
+
+
+def _uniform(count: int, num: int) -> list[int]:
+    """`num` indices spread evenly over range(count), truncated to int as VITA's np.linspace(dtype=int)."""
+    return sorted({int(x) for x in np.linspace(0, count - 1, num=num)})
+
+
+@contextmanager
+def _video_path(data_or_path: bytes | str | os.PathLike[str]) -> Iterator[str]:
+    """A filesystem path for cv2; bytes go to a temporary file that is always removed."""
+    if isinstance(data_or_path, (bytes, bytearray, memoryview)):
+        if not data_or_path:
+            raise InvalidVideoError(f"video is empty (0 bytes); {_ACCEPTED}")
+        # delete=False + explicit unlink: the file must be closed before cv2 opens it (Windows).
+        with tempfile.NamedTemporaryFile(prefix="vita-video-", suffix=".bin", delete=False) as tmp:
+            name = tmp.name
+        try:
+            with open(name, "wb") as fh:
+                fh.write(bytes(data_or_path))
+            yield name
+        finally:
+            os.unlink(name)
+        return
+    path = os.fspath(data_or_path)
+    if not os.path.isfile(path):
+        raise InvalidVideoError(f"video file not found: {path!r}")
+    yield path
+
+
+def _open(path: str) -> cv2.VideoCapture:
+    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+    if not cap.isOpened():
+        cap.release()
+        raise InvalidVideoError(f"could not open video; {_ACCEPTED}")
+    return cap
+
+
+def _count_frames(path: str) -> tuple[int, float]:
+    """(frames actually decodable, container fps). Counted by grabbing: CAP_PROP_FRAME_COUNT is
+    unreliable for WEBM/MKV and streamed MP4."""
+    cap = _open(path)
+    try:
+        container_fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        total = 0
+        while cap.grab():
+            total += 1
+    finally:
+        cap.release()
+    return total, container_fps
+
+
+def _read_frames(path: str, indices: Sequence[int]) -> list[Image.Image]:
+    """Decode only the frames at `indices` (sorted) as RGB PIL images."""
+    wanted = set(indices)
+    last = max(indices)
+    frames: list[Image.Image] = []
+    cap = _open(path)
+    try:
+        for index in range(last + 1):
+            if not cap.grab():
+                break
+            if index in wanted:
+                ok, bgr = cap.retrieve()
+                if ok and bgr is not None:
+                    frames.append(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+    finally:
+        cap.release()
+    return frames
+
+
+def select_live_frames(
+    frames: Sequence[tuple[float, T]],
+    now: float,
+    *,
+    window_s: float = 2.0,
+    max_frames: int = 4,
+) -> list[T]:
+    """Live-stream policy: of the (timestamp, frame) pairs with now - window_s <= t <= now, keep at
+    most max_frames spread uniformly over them, oldest first. Pure: `now` is stream time in seconds."""
+    if window_s <= 0 or max_frames < 1:
+        raise ValueError(f"need window_s > 0 and max_frames >= 1; got {window_s}, {max_frames}")
+    recent = sorted(
+        ((t, k) for k, (t, _) in enumerate(frames) if now - window_s <= t <= now),
+        key=lambda pair: pair[0],
+    )
+    if len(recent) > max_frames:
+        recent = [recent[k] for k in _uniform(len(recent), max_frames)]
+    return [frames[k][1] for _, k in recent]
+
+
+def frames_to_pixel_values(
+    frames: Sequence[Image.Image | bytes | np.ndarray], image_size: int = 448
+) -> np.ndarray:
+    """Frames -> (N, 3, S, S) float32: each frame resized (bicubic, stretched, no crop) to one tile,
+    exactly what dynamic tiling does with max_dynamic_patch=1."""
+    if not frames:
+        raise InvalidVideoError("no video frames to encode; send at least one frame")
+    tiles = [as_image(f).resize((image_size, image_size), Image.Resampling.BICUBIC) for f in frames]
+    return normalize_tiles(tiles, image_size)
