@@ -169,9 +169,21 @@ def select_live_frames(
 def frames_to_pixel_values(
     frames: Sequence[Image.Image | bytes | np.ndarray], image_size: int = 448
 ) -> np.ndarray:
-    """Frames -> (N, 3, S, S) float32: each frame resized (bicubic, stretched, no crop) to one tile,
-    exactly what dynamic tiling does with max_dynamic_patch=1."""
+    """Frames -> (N, 3, S, S) float32, one tile per frame (see `square_frame`)."""
     if not frames:
         raise InvalidVideoError("no video frames to encode; send at least one frame")
-    tiles = [as_image(f).resize((image_size, image_size), Image.Resampling.BICUBIC) for f in frames]
-    return normalize_tiles(tiles, image_size)
+    return normalize_tiles([square_frame(f, image_size) for f in frames], image_size)
+
+
+def square_frame(frame: Image.Image | bytes | np.ndarray, image_size: int = 448) -> Image.Image:
+    """Resize the short side to `image_size` and centre-crop, as VITA's video training did.
+
+    A square `image_size` image is exactly one tile under dynamic tiling, so frames can travel to the
+    engine as ordinary images without being stretched.
+    """
+    image = as_image(frame)
+    scale = image_size / min(image.size)
+    width, height = max(image_size, round(image.width * scale)), max(image_size, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - image_size) // 2, (height - image_size) // 2
+    return image.crop((left, top, left + image_size, top + image_size))

@@ -1,0 +1,367 @@
+"""Silero VAD on onnxruntime: sans-I/O segmentation per stream, one batched model call across streams.
+
+Three layers:
+
+* `SileroModel` wraps the ONNX graph shipped in the ``silero-vad`` wheel. The graph takes a batch, so
+  one ``run_batch`` call scores one 32 ms window for each of B streams.
+* `VadStream` is one audio stream's state: pending samples, the model's 64-sample context and LSTM state,
+  recent audio kept for prefix padding, and the speech/silence state machine. It does no I/O and reads no
+  clock: time is the count of 16 kHz samples pushed so far.
+* `VadBank` holds many streams and scores every stream that has a full window in one ONNX call per round.
+
+Segmentation follows OpenAI's ``server_vad`` knobs (threshold, prefix_padding_ms, silence_duration_ms)
+plus Silero's minimum speech duration and hysteresis (``neg_threshold = max(threshold - 0.15, 0.01)``).
+
+The package is located with ``importlib.util.find_spec`` and never imported: importing ``silero_vad``
+pulls in torch and sets torch to one thread for the whole process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections import deque
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+WINDOW = 512  # samples per model call at 16 kHz (32 ms); the graph rejects any other size
+CONTEXT = 64  # samples of the previous window the model expects in front of each window
+STATE_SHAPE = (2, 1, 128)
+
+
+def _ms_to_samples(ms: float) -> int:
+    return int(round(ms * SAMPLE_RATE / 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class VadParams:
+    """Turn-detection settings, named as OpenAI's ``server_vad`` plus a minimum speech duration.
+
+    ``max_speech_ms`` (None = unbounded) force-ends a segment that runs that long, bounding the audio a
+    stream can hold when someone (or something) never stops talking.
+    """
+
+    threshold: float = 0.5
+    prefix_padding_ms: float = 300.0
+    silence_duration_ms: float = 500.0
+    min_speech_ms: float = 250.0
+    max_speech_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        for name in ("prefix_padding_ms", "silence_duration_ms", "min_speech_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.max_speech_ms is not None and self.max_speech_ms <= 0:
+            raise ValueError("max_speech_ms must be > 0 or None")
+
+    @property
+    def neg_threshold(self) -> float:
+        """Probability below which a window counts as silence (Silero's hysteresis)."""
+        return max(self.threshold - 0.15, 0.01)
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    """Speech began. ``onset_sample`` is the first speech window's start; ``start_sample`` is that
+    minus the prefix padding (clamped to the audio still held and to the previous segment's end)."""
+
+    start_sample: int
+    onset_sample: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechEnded:
+    """A segment closed after ``silence_duration_ms`` of silence. ``end_sample`` is where the silence
+    began, not where the timer ran out; ``audio`` is ``input[start_sample:end_sample]`` (16 kHz float32)."""
+
+    start_sample: int
+    end_sample: int
+    audio: np.ndarray = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechDiscarded:
+    """A segment shorter than ``min_speech_ms`` was dropped; whatever the `SpeechStarted` paused
+    (e.g. the assistant's playback) can resume."""
+
+    start_sample: int
+    end_sample: int
+
+
+VadEvent = SpeechStarted | SpeechEnded | SpeechDiscarded
+
+
+# --- model --------------------------------------------------------------------------------------
+
+
+def default_model_path() -> Path:
+    """The ``silero_vad.onnx`` inside the installed ``silero-vad`` wheel, found without importing it."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("silero-vad is not installed: pip install silero-vad (its ONNX weights are used)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    if not path.is_file():
+        raise RuntimeError(f"silero-vad is installed but {path} is missing")
+    return path
+
+
+class SileroModel:
+    """One onnxruntime session over the Silero graph, single-threaded so many sessions share a core.
+
+    Graph: ``input [B, 64+512] float32``, ``state [2, B, 128] float32``, ``sr`` int64 scalar ->
+    ``output [B, 1]``, ``stateN [2, B, 128]``. ``run`` is thread-safe (onnxruntime sessions are).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        import onnxruntime as ort  # deferred: importing it costs ~0.1 s
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.path = Path(path) if path is not None else default_model_path()
+        self._session = ort.InferenceSession(
+            str(self.path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
+
+    def run_batch(self, windows: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score B windows: ``windows (B, 576)``, ``states (2, B, 128)`` -> ``(probs (B,), states')``."""
+        if windows.ndim != 2 or windows.shape[1] != CONTEXT + WINDOW:
+            raise ValueError(f"windows must be (B, {CONTEXT + WINDOW}), got {windows.shape}")
+        if states.shape != (2, windows.shape[0], 128):
+            raise ValueError(f"states must be (2, {windows.shape[0]}, 128), got {states.shape}")
+        out, new_states = self._session.run(
+            None,
+            {
+                "input": np.ascontiguousarray(windows, dtype=np.float32),
+                "state": np.ascontiguousarray(states, dtype=np.float32),
+                "sr": self._sr,
+            },
+        )
+        return out[:, 0], new_states
+
+
+# --- one stream ---------------------------------------------------------------------------------
+
+
+def _as_float32(samples: np.ndarray | Iterable[float]) -> np.ndarray:
+    x = np.asarray(samples)
+    if x.ndim != 1:
+        raise ValueError(f"expected mono 1-D samples, got shape {x.shape}")
+    if x.dtype == np.int16:
+        return x.astype(np.float32) / 32768.0
+    return x.astype(np.float32, copy=False)
+
+
+class VadStream:
+    """Segmentation state for one 16 kHz mono stream. Sans-I/O: `push` buffers, the model is run by the
+    caller (`process` for one stream, `VadBank` for many), and events come back as values.
+
+    Samples are float32 in [-1, 1] (int16 is accepted and scaled). Sample numbers in events count from
+    the first sample ever pushed.
+    """
+
+    def __init__(self, params: VadParams | None = None) -> None:
+        self.params = params or VadParams()
+        self.state = np.zeros(STATE_SHAPE, dtype=np.float32)
+        # Pending input with the model's context in front: the next window is buf[pos-64 : pos+512],
+        # a view, so batching copies each window once. Starts with 64 zeros as Silero does.
+        self._buf = np.zeros(CONTEXT, dtype=np.float32)
+        self._pos = CONTEXT
+        self.processed = 0  # samples scored so far == start sample of the next window
+        self._pad = _ms_to_samples(self.params.prefix_padding_ms)
+        self._silence = _ms_to_samples(self.params.silence_duration_ms)
+        self._min_speech = _ms_to_samples(self.params.min_speech_ms)
+        self._max_speech = (
+            None if self.params.max_speech_ms is None else _ms_to_samples(self.params.max_speech_ms)
+        )
+        # Scored audio still held, one window per entry: the prefix padding while idle, the whole
+        # segment while speaking. _hist_start is the sample number of _hist[0][0].
+        self._hist: deque[np.ndarray] = deque()
+        self._hist_start = 0
+        self._floor = 0  # a new segment's padding never reaches back before the last segment's end
+        self._in_speech = False
+        self._onset = 0
+        self._start = 0
+        self._silence_start: int | None = None  # start of the first window below neg_threshold
+        self._speech_end = 0  # end of the last window at or above threshold
+
+    # input ---------------------------------------------------------------------------------------
+
+    def push(self, samples: np.ndarray | Iterable[float]) -> None:
+        """Buffer samples; nothing is scored until the model runs."""
+        x = _as_float32(samples)
+        if x.size == 0:
+            return
+        # Always build a new array: views handed out by _take_window must stay valid.
+        self._buf = np.concatenate((self._buf[self._pos - CONTEXT :], x))
+        self._pos = CONTEXT
+
+    @property
+    def windows_ready(self) -> int:
+        """Full 512-sample windows buffered and not yet scored."""
+        return (self._buf.shape[0] - self._pos) // WINDOW
+
+    @property
+    def in_speech(self) -> bool:
+        return self._in_speech
+
+    # model hand-off (used by process() and VadBank) ----------------------------------------------
+
+    def _take_window(self) -> np.ndarray:
+        """The next (576,) model input: 64 context samples + 512 new ones. Must be followed by
+        `_accept` with that window's probability and state."""
+        w = self._buf[self._pos - CONTEXT : self._pos + WINDOW]
+        self._pos += WINDOW
+        return w
+
+    def _accept(self, window: np.ndarray, prob: float, state: np.ndarray) -> list[VadEvent]:
+        """Advance the state machine by one scored window."""
+        self.state = state
+        start = self.processed
+        end = start + WINDOW
+        self.processed = end
+        self._hist.append(window[CONTEXT:])
+        events: list[VadEvent] = []
+        p = self.params
+        if not self._in_speech:
+            if prob >= p.threshold:
+                self._in_speech = True
+                self._onset = start
+                self._start = max(start - self._pad, self._hist_start, self._floor)
+                self._silence_start = None
+                self._speech_end = end
+                events.append(SpeechStarted(self._start, start))
+            else:
+                self._trim()
+            return events
+        if prob >= p.threshold:
+            self._silence_start = None
+            self._speech_end = end
+        elif prob < p.neg_threshold and self._silence_start is None:
+            self._silence_start = start
+        # Silero's hysteresis: the silence timer runs from the first window below neg_threshold and
+        # only a window at/above threshold resets it; the segment ends where speech did.
+        if self._silence_start is not None and end - self._silence_start >= self._silence:
+            events.append(self._close(self._speech_end))
+        elif self._max_speech is not None and end - self._onset >= self._max_speech:
+            events.append(self._close(self._speech_end if self._silence_start is not None else end))
+        return events
+
+    def _close(self, end: int) -> VadEvent:
+        self._in_speech = False
+        self._silence_start = None
+        start = self._start
+        self._floor = end
+        if end - self._onset < self._min_speech:
+            event: VadEvent = SpeechDiscarded(start, end)
+        else:
+            event = SpeechEnded(start, end, self._slice(start, end))
+        self._trim()
+        return event
+
+    def _slice(self, start: int, end: int) -> np.ndarray:
+        audio = np.concatenate(self._hist) if self._hist else np.zeros(0, np.float32)
+        return audio[start - self._hist_start : end - self._hist_start].copy()
+
+    def _trim(self) -> None:
+        # Keep just enough whole windows that the next window's onset can reach back by the padding.
+        keep_from = self.processed - self._pad
+        while self._hist and self._hist_start + WINDOW <= keep_from:
+            self._hist.popleft()
+            self._hist_start += WINDOW
+
+    # per-stream driving --------------------------------------------------------------------------
+
+    def process(self, model: SileroModel) -> list[VadEvent]:
+        """Score every buffered window with one model call each (the unbatched path)."""
+        events: list[VadEvent] = []
+        while self.windows_ready:
+            w = self._take_window()
+            probs, state = model.run_batch(w[None, :], self.state)
+            events.extend(self._accept(w, float(probs[0]), state))
+        return events
+
+    def flush(self) -> list[VadEvent]:
+        """Close an open segment now (end of input), ending at its last speech window. A partial window
+        (< 32 ms) stays buffered and is not scored."""
+        if not self._in_speech:
+            return []
+        return [self._close(self._speech_end)]
+
+
+# --- many streams -------------------------------------------------------------------------------
+
+
+class VadBank:
+    """Many `VadStream`s scored together: each `process` round makes ONE ``run_batch`` call over every
+    stream with a full window, so hundreds of real-time streams share one core.
+
+    ``max_batch`` caps the rows per call (bounds the temporary arrays); None = no cap.
+    """
+
+    def __init__(self, model: SileroModel | None = None, max_batch: int | None = 4096) -> None:
+        self.model = model if model is not None else SileroModel()
+        self.max_batch = max_batch
+        self._streams: dict[Hashable, VadStream] = {}
+
+    def add_stream(self, stream_id: Hashable, params: VadParams | None = None) -> VadStream:
+        if stream_id in self._streams:
+            raise KeyError(f"stream {stream_id!r} already exists")
+        stream = VadStream(params)
+        self._streams[stream_id] = stream
+        return stream
+
+    def remove_stream(self, stream_id: Hashable) -> None:
+        self._streams.pop(stream_id, None)
+
+    def stream(self, stream_id: Hashable) -> VadStream:
+        return self._streams[stream_id]
+
+    def __contains__(self, stream_id: object) -> bool:
+        return stream_id in self._streams
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def push(self, stream_id: Hashable, samples: np.ndarray | Iterable[float]) -> None:
+        """Buffer samples for one stream; scoring happens in `process`."""
+        self._streams[stream_id].push(samples)
+
+    def process(self) -> list[tuple[Hashable, VadEvent]]:
+        """Score all full windows, one batched call per round, until no stream has a full window.
+        Events of one stream come in time order; within a round, in stream insertion order."""
+        events: list[tuple[Hashable, VadEvent]] = []
+        while True:
+            ready = [(sid, s) for sid, s in self._streams.items() if s.windows_ready]
+            if not ready:
+                return events
+            step = self.max_batch or len(ready)
+            for i in range(0, len(ready), step):
+                self._score(ready[i : i + step], events)
+
+    def _score(
+        self, group: list[tuple[Hashable, VadStream]], events: list[tuple[Hashable, VadEvent]]
+    ) -> None:
+        windows = [s._take_window() for _, s in group]
+        states = np.concatenate([s.state for _, s in group], axis=1)
+        probs, new_states = self.model.run_batch(np.stack(windows), states)
+        for j, ((sid, s), w) in enumerate(zip(group, windows)):
+            # copy: a view would pin the whole batch's state array until every stream moved on
+            for ev in s._accept(w, float(probs[j]), new_states[:, j : j + 1, :].copy()):
+                events.append((sid, ev))
+
+    def flush(self, stream_id: Hashable) -> list[VadEvent]:
+        """Score the stream's remaining full windows on their own, then close its open segment."""
+        stream = self._streams[stream_id]
+        return stream.process(self.model) + stream.flush()

@@ -1,0 +1,200 @@
+"""One VITA engine: vLLM's AsyncLLM with streamed deltas, abort, and per-engine placement.
+
+`generate` streams token ids and text deltas; `abort` stops a request at once (the stream then ends
+with reason "abort"). Placement: on GPUs, which devices, memory share and tensor parallelism; on
+CPU, a KV-cache cap and the cores this engine's worker is pinned to, so two engines in one process
+do not fight over one core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .config import VitaConfig, register_config, state_tokens_of
+from .prompts import PromptBuilder
+
+log = logging.getLogger(__name__)
+
+# Env vars are read by vLLM's spawned engine process at start, so two engines started at the same
+# time must not see each other's values.
+_ENV_LOCK = asyncio.Lock()
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model: str
+    dtype: str = "auto"
+    max_model_len: int = 8192
+    max_num_seqs: int = 32
+    enforce_eager: bool = False
+    seed: int = 0
+    # GPU placement
+    device_ids: str | None = None  # CUDA_VISIBLE_DEVICES for this engine, e.g. "0" or "2,3"
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    # CPU placement
+    kv_cache_bytes: int | None = None  # required on CPU: vLLM otherwise takes most of the RAM
+    cpu_cores: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0" or "0-3"
+    limit_images: int = 16
+    limit_audios: int = 4
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class EngineInput:
+    """A prompt as ids (one placeholder per item) plus its media, in placeholder order."""
+
+    token_ids: list[int]
+    images: list[Image.Image] = field(default_factory=list)
+    audios: list[np.ndarray] = field(default_factory=list)  # 16 kHz mono float32
+    max_dynamic_patch: int | None = None
+
+    def to_vllm(self) -> dict[str, Any]:
+        prompt: dict[str, Any] = {"prompt_token_ids": list(self.token_ids)}
+        media: dict[str, Any] = {}
+        if self.images:
+            media["image"] = list(self.images)
+        if self.audios:
+            media["audio"] = [np.asarray(a, dtype=np.float32) for a in self.audios]
+        if media:
+            prompt["multi_modal_data"] = media
+        if self.max_dynamic_patch is not None:
+            prompt["mm_processor_kwargs"] = {"max_dynamic_patch": self.max_dynamic_patch}
+        return prompt
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 512
+    temperature: float = 0.0  # the VITA demos use 0.001: greedy
+    top_p: float = 1.0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-k logprobs per generated token (used to check the model)
+
+
+@dataclass(frozen=True)
+class Delta:
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    logprobs: tuple[dict[int, float], ...] | None = None
+
+
+class VitaEngine:
+    """A started engine. Create with `await VitaEngine.start(settings)`; close with `shutdown()`."""
+
+    def __init__(self, llm: Any, settings: EngineSettings, config: VitaConfig, tokenizer: Any) -> None:
+        self._llm = llm
+        self.settings = settings
+        self.config = config
+        self.tokenizer = tokenizer
+        self.prompts = PromptBuilder(tokenizer, config)
+        self.state_tokens = state_tokens_of(config)
+
+    @classmethod
+    async def start(cls, settings: EngineSettings) -> VitaEngine:
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        register_config()
+        config = AutoConfig.from_pretrained(settings.model)
+        if not isinstance(config, VitaConfig):
+            raise ValueError(f"{settings.model} is not a VITA checkpoint (config model_type {config.model_type!r})")
+        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        config.validate_placeholders(len(tokenizer))
+        args = AsyncEngineArgs(
+            model=settings.model,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            enforce_eager=settings.enforce_eager,
+            seed=settings.seed,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            kv_cache_memory_bytes=settings.kv_cache_bytes,
+            limit_mm_per_prompt={"image": settings.limit_images, "audio": settings.limit_audios},
+            enable_prefix_caching=settings.enable_prefix_caching,
+        )
+        async with _ENV_LOCK:
+            with _placement_env(settings):
+                llm = AsyncLLM.from_engine_args(args)
+        log.info("engine ready: %s (devices=%s cores=%s)", settings.model, settings.device_ids, settings.cpu_cores)
+        return cls(llm, settings, config, tokenizer)
+
+    async def generate(
+        self, prompt: EngineInput, request_id: str | None = None, sampling: Sampling = Sampling()
+    ) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        request_id = request_id or uuid.uuid4().hex
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            ignore_eos=sampling.ignore_eos,
+            skip_special_tokens=True,
+            logprobs=sampling.logprobs,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        async for output in self._llm.generate(prompt.to_vllm(), params, request_id=request_id):
+            completion = output.outputs[0]
+            yield Delta(
+                request_id=request_id,
+                token_ids=tuple(completion.token_ids),
+                text=completion.text,
+                finish_reason=completion.finish_reason if output.finished else None,
+                logprobs=_logprob_dicts(completion.logprobs),
+            )
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    def num_unfinished(self) -> int:
+        return int(self._llm.output_processor.get_num_unfinished_requests())
+
+    @property
+    def is_running(self) -> bool:
+        return not self._llm.errored
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def _logprob_dicts(logprobs: Any) -> tuple[dict[int, float], ...] | None:
+    if logprobs is None:
+        return None
+    return tuple({int(tok): float(lp.logprob) for tok, lp in position.items()} for position in logprobs)
+
+
+@contextlib.contextmanager
+def _placement_env(settings: EngineSettings) -> Iterator[None]:
+    values = {
+        "CUDA_VISIBLE_DEVICES": settings.device_ids,
+        "VLLM_CPU_OMP_THREADS_BIND": settings.cpu_cores,
+        "HF_HUB_OFFLINE": "1",  # weights come from the model directory, never from a hub
+    }
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for key, value in values.items():
+            if value is not None:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old

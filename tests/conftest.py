@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny checkpoints built once per test session, and real vLLM engines shared by tests.
+
+Each vLLM engine costs ~15-30 s to start on 2 CPU cores, so engines are session-scoped and every
+test that needs one reuses it. Engines cap their KV cache and run eager, as required on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+DATA = Path(__file__).parent / "data"
+
+
+def cpu_engine_settings(model: Path, cores: str | None = None, **overrides: object):
+    from models.engine import EngineSettings
+
+    values: dict[str, object] = dict(
+        model=str(model),
+        dtype="float32",
+        enforce_eager=True,
+        kv_cache_bytes=64 << 20,
+        max_model_len=4096,
+        max_num_seqs=8,
+        limit_images=4,
+        limit_audios=2,
+        cpu_cores=cores,
+    )
+    values.update(overrides)
+    return EngineSettings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from models.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {layout: build_tiny(layout, root / layout) for layout in ("vita15", "vita10")}
+
+
+@pytest_asyncio.fixture(scope="session")
+async def engines(tiny_dirs: dict[str, Path]) -> AsyncIterator[dict[str, object]]:
+    """One engine per layout, each pinned to its own core: together they are 'two engines in one process'."""
+    from models.engine import VitaEngine
+
+    started = {
+        "vita15": await VitaEngine.start(cpu_engine_settings(tiny_dirs["vita15"], cores="0")),
+        "vita10": await VitaEngine.start(cpu_engine_settings(tiny_dirs["vita10"], cores="1")),
+    }
+    yield started
+    for engine in started.values():
+        await engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def references(tiny_dirs: dict[str, Path]) -> dict[str, object]:
+    from models.reference import ReferenceVita
+
+    return {layout: ReferenceVita(path) for layout, path in tiny_dirs.items()}
