@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import uuid
@@ -34,7 +35,7 @@ _ENV_LOCK = asyncio.Lock()
 class EngineSettings:
     model: str
     dtype: str = "auto"
-    max_model_len: int = 8192
+    max_model_len: int | None = None  # None: the text model's own limit
     max_num_seqs: int = 32
     enforce_eager: bool = False
     seed: int = 0
@@ -170,7 +171,13 @@ class VitaEngine:
         return not self._llm.errored
 
     async def shutdown(self) -> None:
-        self._llm.shutdown()
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        llm.shutdown()
+        # Finalise now, not at interpreter exit, when AsyncLLM.__del__ fails on torn-down modules.
+        del llm
+        gc.collect()
 
 
 def _logprob_dicts(logprobs: Any) -> tuple[dict[int, float], ...] | None:

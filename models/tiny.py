@@ -150,6 +150,27 @@ def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tens
     return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
 
 
+def _zero_residual_writes(weights: dict[str, torch.Tensor], dims: list[int]) -> None:
+    """No attention or MLP output writes to `dims`, so there the residual stream keeps its embedding."""
+    for name, tensor in weights.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight", ".w2.weight")):
+            tensor[dims, :] = 0.0
+
+
+def mask_untokenizable_rows(weights: dict[str, torch.Tensor], tokenizer_size: int) -> None:
+    """Keep the random model from emitting ids the tokenizer cannot decode (rows past it, placeholders).
+
+    Residual dimension 1 is +1 for every token and untouched by the layers; those rows of lm_head read
+    it with a large negative weight.
+    """
+    weights["model.embed_tokens.weight"][:, 1] = 1.0
+    _zero_residual_writes(weights, [1])
+    weights["model.norm.weight"][1] = 1.0
+    head = weights["lm_head.weight"]
+    head[:, 1] = 0.0
+    head[tokenizer_size:, 1] = -40.0
+
+
 def force_first_token(weights: dict[str, torch.Tensor], config: VitaConfig, trigger_id: int, target_id: int) -> None:
     """Make `target_id` the next token after `trigger_id` (the template's last token) and never after others.
 
@@ -160,9 +181,7 @@ def force_first_token(weights: dict[str, torch.Tensor], config: VitaConfig, trig
     embed = weights["model.embed_tokens.weight"]
     embed[:, 0] = -1.0
     embed[trigger_id, 0] = 1.0
-    for name, tensor in weights.items():
-        if name.endswith(("o_proj.weight", "down_proj.weight", ".w2.weight")):
-            tensor[0, :] = 0.0
+    _zero_residual_writes(weights, [0])
     weights["model.norm.weight"][0] = 1.0
     head = weights["lm_head.weight"]
     head[:, 0] = 0.0
@@ -194,10 +213,11 @@ def build_tiny(
     build_tokenizer(layout, out)
     config = tiny_config(layout, out)
     weights = random_weights(config, seed)
-    if force is not None:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    mask_untokenizable_rows(weights, len(tokenizer))
+    if force is not None:
         last = "assistant\n" if layout == "vita15" else "bot:"
         trigger = tokenizer.encode(last, add_special_tokens=False)[-1]
         force_first_token(weights, config, trigger, config.state_token_ids[force])

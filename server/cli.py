@@ -1,0 +1,98 @@
+"""`vita-duplex` command line: build-tiny, generate (and later serve)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vita-duplex", description="Duplex real-time inference server for VITA")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("build-tiny", help="write a tiny random VITA checkpoint (real layout, no download)")
+    tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--layout", choices=["vita15", "vita10"], default="vita15")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--force-first-token", choices=["query", "noise", "text"], default=None,
+                      help="wire the weights so the first generated token is this state token (for tests)")
+
+    gen = sub.add_parser("generate", help="stream one reply from a checkpoint for a text/image/audio/video prompt")
+    gen.add_argument("--model", required=True, type=Path)
+    gen.add_argument("--text")
+    gen.add_argument("--image", type=Path, action="append", default=[])
+    gen.add_argument("--audio", type=Path, action="append", default=[])
+    gen.add_argument("--video", type=Path)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache cap on CPU (ignored on GPU)")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "build-tiny":
+        from models.tiny import build_tiny
+
+        path = build_tiny(args.layout, args.out_dir, seed=args.seed, force=args.force_first_token)
+        print(f"tiny {args.layout} checkpoint written to {path}")
+        return 0
+    if args.command == "generate":
+        return asyncio.run(_generate(args))
+    return 2
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.engine import EngineSettings, Sampling, VitaEngine
+    from models.errors import InvalidMediaError
+    from models.inputs import user_input, video_file_frames
+
+    on_gpu = torch.cuda.is_available()
+    settings = EngineSettings(
+        model=str(args.model),
+        dtype=args.dtype,
+        enforce_eager=not on_gpu,
+        kv_cache_bytes=None if on_gpu else args.kv_cache_mib << 20,
+    )
+    try:
+        frames = video_file_frames(args.video.read_bytes()) if args.video else []
+        images = [p.read_bytes() for p in args.image]
+        audios = [p.read_bytes() for p in args.audio]
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = await VitaEngine.start(settings)
+    try:
+        prompt = user_input(engine.prompts, text=args.text, images=images, audios=audios, video_frames=frames)
+    except (InvalidMediaError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        await engine.shutdown()
+        return 2
+    first: int | None = None
+    try:
+        async for delta in engine.generate(prompt, sampling=Sampling(max_tokens=args.max_tokens)):
+            if first is None and delta.token_ids:
+                first = delta.token_ids[0]
+                print(f"[state token] {_describe_state(engine, first)}", flush=True)
+            print(delta.text, end="", flush=True)
+            if delta.finish_reason:
+                print(f"\n[finished: {delta.finish_reason}]")
+    finally:
+        await engine.shutdown()
+    return 0
+
+
+def _describe_state(engine, token_id: int) -> str:  # type: ignore[no-untyped-def]
+    text = engine.tokenizer.decode([token_id])
+    states = engine.state_tokens
+    if states is None:
+        return f"{token_id} {text!r} (checkpoint has no state tokens)"
+    kind = {states.query: "query", states.noise: "noise", states.text: "text"}.get(token_id, "not a state token")
+    return f"{token_id} {text!r} ({kind})"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
