@@ -53,7 +53,7 @@ async def _collect(engine: VitaEngine, prompt: EngineInput, request_id: str, sam
 @pytest.mark.parametrize("modality", MODALITIES)
 async def test_generates_from_each_modality(engines, layout: str, modality: str) -> None:
     engine = engines[layout]
-    deltas = await _collect(engine, _prompt(engine, modality), f"gen-{layout}-{modality}", Sampling(max_tokens=8))
+    deltas = await _collect(engine, _prompt(engine, modality), f"gen-{layout}-{modality}", Sampling(max_tokens=8, ignore_eos=True))
     tokens = [t for d in deltas for t in d.token_ids]
     assert len(tokens) == 8
     assert deltas[-1].finish_reason == "length"
