@@ -12,14 +12,15 @@ Naming: input events are plain nouns/verbs of what happened (`SpeechEnded`, `Tok
 imperatives for the runtime (`StartGeneration`, `EmitAudio`); `Notice` actions are client-facing facts
 that the transport turns into protocol events (`ResponseDone` → ``response.done``).
 
-Malformed events (negative sample counts, an unknown finish reason, ...) raise ``ValueError`` when they
-are built, so a runtime bug is reported where it happens, not deep inside the policy.
+Malformed events raise when they are built (``ValueError`` for a bad value such as a negative sample
+count or an unknown finish reason, ``TypeError`` for a wrong type), so a runtime bug is reported where it
+happens, not deep inside the policy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 Role = Literal["probe", "answer"]
 Modality = Literal["audio", "text", "image", "video"]
@@ -57,7 +58,7 @@ class InputText:
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
-            raise ValueError(f"InputText.text must be a str; got {type(self.text).__name__}")
+            raise TypeError(f"InputText.text must be a str; got {type(self.text).__name__}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class InputImage:
     image: object = field(repr=False)
 
 
-UserPart = Union[InputAudio, InputText, InputImage]
+UserPart = InputAudio | InputText | InputImage
 _USER_PARTS = (InputAudio, InputText, InputImage)
 
 
@@ -181,7 +182,7 @@ class UserItem(Event):
             raise ValueError("UserItem.parts must be a non-empty tuple of InputAudio/InputText/InputImage")
         for part in self.parts:
             if not isinstance(part, _USER_PARTS):
-                raise ValueError(
+                raise TypeError(
                     f"UserItem.parts accepts InputAudio, InputText, InputImage; got {type(part).__name__}"
                 )
 
@@ -206,9 +207,9 @@ class TokenDelta(Event):
     def __post_init__(self) -> None:
         _check_id("TokenDelta.request_id", self.request_id)
         if not isinstance(self.token_ids, tuple):
-            raise ValueError(f"TokenDelta.token_ids must be a tuple of ints; got {type(self.token_ids).__name__}")
+            raise TypeError(f"TokenDelta.token_ids must be a tuple of ints; got {type(self.token_ids).__name__}")
         if not isinstance(self.text, str):
-            raise ValueError(f"TokenDelta.text must be a str; got {type(self.text).__name__}")
+            raise TypeError(f"TokenDelta.text must be a str; got {type(self.text).__name__}")
 
 
 @dataclass(frozen=True)

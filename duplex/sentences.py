@@ -31,9 +31,12 @@ _WORD_RE = re.compile(r"\w")
 
 # Lower-cased words that end with a period without ending the sentence.
 ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st mt vs etc e.g i.e cf al approx fig figs no vol ch pp inc ltd co corp "
-    "jan feb mar apr jun jul aug sep sept oct nov dec".split()
-)
+    {
+        "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "etc", "e.g", "i.e", "cf", "al",
+        "approx", "fig", "figs", "no", "vol", "ch", "pp", "inc", "ltd", "co", "corp",
+        "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
+    }
+)  # fmt: skip
 
 
 def strip_special_tokens(text: str) -> str:
@@ -136,10 +139,7 @@ class SentenceChunker:
             if not sentence:
                 head = text[:end]
                 chars = len(head) + len(_CJK_RE.findall(head))
-                if (
-                    _word_count(head) >= self.first_chunk_min_words
-                    and chars >= self.first_chunk_min_chars
-                ):
+                if _word_count(head) >= self.first_chunk_min_words and chars >= self.first_chunk_min_chars:
                     return end
                 continue
             punct = text[start:end].rstrip(_CLOSERS)

@@ -17,6 +17,7 @@ import ctypes
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -33,7 +34,10 @@ class EspeakUnavailableError(RuntimeError):
 @runtime_checkable
 class TextToSpeech(Protocol):
     """A speech synthesizer. ``synthesize`` is an async generator (``async def`` with ``yield``)
-    yielding float32 mono chunks in [-1, 1] at ``sample_rate``."""
+    yielding float32 mono chunks in [-1, 1] at ``sample_rate``.
+
+    Iterate it inside ``contextlib.aclosing(...)``: a bare ``async for`` that is cancelled or left
+    early does not close the generator, so its work only stops when Python collects it."""
 
     @property
     def sample_rate(self) -> int: ...
@@ -66,12 +70,10 @@ _PARAM_RATE = 1
 _EE_OK = 0
 _BUFFER_MS = 100  # audio per callback: the granularity of streaming and of cancellation
 
-_SynthCallback = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
-)
+_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 
-def _espeak_loader():  # noqa: ANN202 - returns the optional module
+def _espeak_loader() -> ModuleType:
     """Import the optional GPL package, or fail with a message that says what to do."""
     try:
         import espeakng_loader
@@ -155,9 +157,7 @@ class _EspeakEngine:
             data = text.encode("utf-8")
             self._sink = sink
             try:
-                self.lib.espeak_Synth(
-                    data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
-                )
+                self.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
                 self.lib.espeak_Synchronize()
             finally:
                 self._sink = None

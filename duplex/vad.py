@@ -34,7 +34,7 @@ STATE_SHAPE = (2, 1, 128)
 
 
 def _ms_to_samples(ms: float) -> int:
-    return int(round(ms * SAMPLE_RATE / 1000))
+    return round(ms * SAMPLE_RATE / 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +80,9 @@ class SpeechStarted:
 
 @dataclass(frozen=True, slots=True)
 class SpeechEnded:
-    """A segment closed after ``silence_duration_ms`` of silence. ``end_sample`` is where the silence
-    began, not where the timer ran out; ``audio`` is ``input[start_sample:end_sample]`` (16 kHz float32)."""
+    """A segment closed after ``silence_duration_ms`` of silence. ``end_sample`` is where silence began
+    (the end of the last window scored >= threshold), not where the timer ran out; ``audio`` is
+    ``input[start_sample:end_sample]`` (16 kHz float32), prefix padding included."""
 
     start_sample: int
     end_sample: int
@@ -165,7 +166,8 @@ def _as_float32(samples: np.ndarray | Iterable[float]) -> np.ndarray:
 
 class VadStream:
     """Segmentation state for one 16 kHz mono stream. Sans-I/O: `push` buffers, the model is run by the
-    caller (`process` for one stream, `VadBank` for many), and events come back as values.
+    caller (`process` for one stream, `VadBank` for many), and events come back as values. Not
+    thread-safe: drive each stream from one thread or event loop.
 
     Samples are float32 in [-1, 1] (int16 is accepted and scaled). Sample numbers in events count from
     the first sample ever pushed.

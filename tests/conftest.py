@@ -64,3 +64,25 @@ def references(tiny_dirs: dict[str, Path]) -> dict[str, object]:
     from models.reference import ReferenceVita
 
     return {layout: ReferenceVita(path) for layout, path in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def forced_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny VITA-1.5 checkpoints whose first generated token is always ☞ (query) or ☟ (noise)."""
+    from models.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("forced")
+    return {kind: build_tiny("vita15", root / kind, seed=3, force=kind) for kind in ("query", "noise")}
+
+
+@pytest_asyncio.fixture(scope="session")
+async def forced_engines(forced_dirs: dict[str, Path]) -> AsyncIterator[dict[str, object]]:
+    from models.engine import VitaEngine
+
+    started = {
+        "query": await VitaEngine.start(cpu_engine_settings(forced_dirs["query"], cores="0")),
+        "noise": await VitaEngine.start(cpu_engine_settings(forced_dirs["noise"], cores="1")),
+    }
+    yield started
+    for engine in started.values():
+        await engine.shutdown()

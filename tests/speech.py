@@ -7,7 +7,6 @@ above `TRUTH_THRESHOLD` in amplitude (espeak pads its output with silence, which
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import soundfile as sf
@@ -21,7 +20,7 @@ DATA = Path(__file__).parent / "data"
 Silence = tuple[str, float]  # ("silence", seconds)
 Speech = tuple[str, str]  # ("speech", text)
 Noise = tuple[str, float, float]  # ("noise", seconds, rms level)
-Part = Union[Silence, Speech, Noise]
+Part = Silence | Speech | Noise
 
 
 def espeak_speech(text: str, sample_rate: int = SAMPLE_RATE, voice: str = "en-us") -> np.ndarray:
@@ -55,9 +54,9 @@ def compose(
     for part in parts:
         kind = part[0]
         if kind == "silence":
-            piece = np.zeros(int(round(float(part[1]) * sample_rate)), np.float32)
+            piece = np.zeros(round(float(part[1]) * sample_rate), np.float32)
         elif kind == "noise":
-            n = int(round(float(part[1]) * sample_rate))
+            n = round(float(part[1]) * sample_rate)
             piece = (rng.standard_normal(n) * float(part[2])).astype(np.float32)
         elif kind == "speech":
             piece = espeak_speech(str(part[1]), sample_rate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 
@@ -74,13 +75,21 @@ async def test_espeak_aclose_stops_promptly(espeak: EspeakTTS) -> None:
     assert not espeak._engine.lock.locked()  # the worker has finished, not just been abandoned
 
 
-async def test_espeak_task_cancel_stops_promptly(espeak: EspeakTTS) -> None:
+@pytest.mark.parametrize("closing", [True, False])
+async def test_espeak_task_cancel_stops_promptly(espeak: EspeakTTS, closing: bool) -> None:
     started = asyncio.Event()
 
     async def speak() -> None:
-        async for _ in espeak.synthesize(LONG_TEXT):
-            started.set()
-            await asyncio.sleep(0.01)  # a paced consumer, like real-time playback
+        gen = espeak.synthesize(LONG_TEXT)
+        if closing:  # the recommended way: closes the generator as the task unwinds
+            async with contextlib.aclosing(gen):
+                async for _ in gen:
+                    started.set()
+                    await asyncio.sleep(0.01)  # a paced consumer, like real-time playback
+        else:  # a bare `async for`: Python closes the generator only when it is collected
+            async for _ in gen:
+                started.set()
+                await asyncio.sleep(0.01)
 
     task = asyncio.create_task(speak())
     await asyncio.wait_for(started.wait(), 5)
@@ -88,6 +97,9 @@ async def test_espeak_task_cancel_stops_promptly(espeak: EspeakTTS) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    if not closing:
+        while espeak._engine.lock.locked() and time.perf_counter() - t0 < 1.0:
+            await asyncio.sleep(0.005)  # the loop's async-generator finalizer runs aclose()
     assert time.perf_counter() - t0 < 0.5
     assert not espeak._engine.lock.locked()
     # the engine is immediately usable again
@@ -96,7 +108,7 @@ async def test_espeak_task_cancel_stops_promptly(espeak: EspeakTTS) -> None:
 
 async def test_espeak_concurrent_requests_serialize(espeak: EspeakTTS) -> None:
     async def collect(text: str) -> int:
-        return sum(c.size async for c in espeak.synthesize(text))
+        return sum([c.size async for c in espeak.synthesize(text)])
 
     sizes = await asyncio.gather(*(collect(f"Request number {i}.") for i in range(4)))
     assert all(s > 0.3 * espeak.sample_rate for s in sizes)
