@@ -105,7 +105,8 @@ class StateTokens:
         return cls(query, noise, text, "<1>", "<2>", "<3>")
 
     def kind_of(self, token_id: int) -> SegmentKind:
-        return {self.query: "query", self.noise: "noise", self.text: "text"}.get(token_id, "unknown")
+        kinds: dict[int, SegmentKind] = {self.query: "query", self.noise: "noise", self.text: "text"}
+        return kinds.get(token_id, "unknown")
 
     def text_of(self, kind: SegmentKind) -> str:
         return {"query": self.query_str, "noise": self.noise_str, "text": self.text_str}.get(kind, "")
@@ -382,11 +383,19 @@ class DuplexController:
 
     def _on_response_requested(self, event: ResponseRequested) -> list[Action]:
         if self._current is not None:
-            return [Error("conversation_already_has_active_response",
-                          f"response {self._current.response_id} is still active; cancel it first")]
+            return [
+                Error(
+                    "conversation_already_has_active_response",
+                    f"response {self._current.response_id} is still active; cancel it first",
+                )
+            ]
         if not self._pending_user:
-            return [Error("response_create_without_input",
-                          "response.create needs a user item first (conversation.item.create or committed audio)")]
+            return [
+                Error(
+                    "response_create_without_input",
+                    "response.create needs a user item first (conversation.item.create or committed audio)",
+                )
+            ]
         user, self._pending_user = tuple(self._pending_user), []
         segment = _Segment(self._new_id("seg"), "manual")
         frames = self._frames_before(self._now)
@@ -399,7 +408,9 @@ class DuplexController:
         actions: list[Action] = [StartGeneration(request.request_id, request.engine, prompt, "answer")]
         response = self._open_response(request, prefix="")
         response.awaiting_first_token = self._settings.state_tokens is not None
-        actions.append(ResponseStarted(response.response_id, request.request_id, segment.segment_id, "manual"))
+        actions.append(
+            ResponseStarted(response.response_id, request.request_id, segment.segment_id, "manual")
+        )
         return actions + self._sync_output()
 
     def _start_probe(
@@ -441,8 +452,10 @@ class DuplexController:
             actions = self._speak(response, response.chunker.flush()) if response.audio else []
             return actions + self._sync_output()
         if event.reason == "error":
-            return [*self._finish(response, "failed", "engine_error"),
-                    Error("engine_error", f"generation {event.request_id} failed: {event.error or 'unknown'}")]
+            return [
+                *self._finish(response, "failed", "engine_error"),
+                Error("engine_error", f"generation {event.request_id} failed: {event.error or 'unknown'}"),
+            ]
         return self._finish(response, "failed", "engine_aborted")  # an abort we did not ask for
 
     def _probe_ended(self, request: _Request, event: GenerationEnded) -> list[Action]:
@@ -450,7 +463,9 @@ class DuplexController:
         self._holds.discard(request.segment.segment_id)
         actions: list[Action] = []
         if event.reason == "error":
-            actions.append(Error("engine_error", f"probe {request.request_id} failed: {event.error or 'unknown'}"))
+            actions.append(
+                Error("engine_error", f"probe {request.request_id} failed: {event.error or 'unknown'}")
+            )
         else:
             actions.append(self._classified(request.segment, "unknown", ignored=True, reason="no_output"))
         return actions + self._sync_output()
@@ -488,8 +503,11 @@ class DuplexController:
             self._generator, self._monitor = request.engine, self._generator
             actions.append(RolesSwapped(self._generator, self._monitor))
         response = self._open_response(request, prefix=self._state_text(kind))
-        actions.append(ResponseStarted(response.response_id, request.request_id,
-                                       request.segment.segment_id, request.segment.source))
+        actions.append(
+            ResponseStarted(
+                response.response_id, request.request_id, request.segment.segment_id, request.segment.source
+            )
+        )
         return actions + self._answer_text(response, text) + self._sync_output()
 
     # --- transcript and speech ------------------------------------------------------------------
@@ -515,8 +533,11 @@ class DuplexController:
             # Locate the sentence in the transcript so truncation maps audio back onto text exactly;
             # a chunker that rewrites text (e.g. spells out numbers) falls back to its length.
             found = response.text.find(text, response.spoken_chars)
-            char_end = found + len(text) if found >= 0 else min(len(response.text),
-                                                                 response.spoken_chars + len(text))
+            char_end = (
+                found + len(text)
+                if found >= 0
+                else min(len(response.text), response.spoken_chars + len(text))
+            )
             response.spoken_chars = char_end
             sentence = _Sentence(len(response.sentences), text, char_end)
             response.sentences.append(sentence)
@@ -588,14 +609,14 @@ class DuplexController:
                     response.pause_sent = False
                     actions.append(ResumeOutput(response.response_id))
             # Emit only once the pause reply told us where the client stopped.
-            if not response.held:
+            if not response.held and response.pause_replies == 0:
                 actions += self._pump(response)
         return actions + self._maybe_complete(response)
 
     def _pump(self, response: _Response) -> list[Action]:
         actions: list[Action] = []
         index = bisect.bisect_right(response.starts, response.cursor) - 1
-        for chunk in response.timeline[max(index, 0):]:
+        for chunk in response.timeline[max(index, 0) :]:
             if chunk.end <= response.cursor:
                 continue
             offset = response.cursor - chunk.start
@@ -622,7 +643,9 @@ class DuplexController:
     def _maybe_complete(self, response: _Response) -> list[Action]:
         if response.finish is None:
             return []
-        if response.audio and (response.layout_index < len(response.sentences) or response.played < response.total):
+        if response.audio and (
+            response.layout_index < len(response.sentences) or response.played < response.total
+        ):
             return []
         if response.finish == "length":
             return self._finish(response, "incomplete", "max_output_tokens")
@@ -644,8 +667,9 @@ class DuplexController:
         return actions
 
     def _remember(self, response: _Response, delivered_all: bool) -> None:
-        sentences = tuple(SpokenSentence(s.text, s.char_end, s.audio_start, s.audio_end)
-                          for s in response.sentences)
+        sentences = tuple(
+            SpokenSentence(s.text, s.char_end, s.audio_start, s.audio_end) for s in response.sentences
+        )
         self._history.add(
             response.response_id,
             response.user,
@@ -682,14 +706,20 @@ class DuplexController:
         self._late_positions.discard(event.response_id)
         kept = self._history.truncate(event.response_id, samples)
         if kept is None:
-            return [Error("truncate_unknown_response",
-                          f"response {event.response_id} is not in the conversation history")]
+            return [
+                Error(
+                    "truncate_unknown_response",
+                    f"response {event.response_id} is not in the conversation history",
+                )
+            ]
         return [ResponseTruncated(event.response_id, event.audio_end_ms, kept)]
 
     # --- settings -------------------------------------------------------------------------------
 
     def _on_session_updated(self, event: SessionUpdated) -> list[Action]:
-        changes = {f.name: getattr(event, f.name) for f in fields(event) if getattr(event, f.name) is not None}
+        changes = {
+            f.name: getattr(event, f.name) for f in fields(event) if getattr(event, f.name) is not None
+        }
         if changes.get("instructions") == "":
             changes["instructions"] = None  # "" clears them
         self._settings = replace(self._settings, **changes)
@@ -738,7 +768,9 @@ class DuplexController:
 
     def _frames_before(self, end: int) -> tuple[object, ...]:
         """Up to max_frames camera frames from the window before ``end``, spread evenly, newest last."""
-        window = [f.frame for f in self._frames if end - self._settings.frame_window_samples <= f.sample <= end]
+        window = [
+            f.frame for f in self._frames if end - self._settings.frame_window_samples <= f.sample <= end
+        ]
         count = self._settings.max_frames
         if len(window) <= count:
             return tuple(window)
@@ -746,7 +778,9 @@ class DuplexController:
             return (window[-1],)
         return tuple(window[round(i * (len(window) - 1) / (count - 1))] for i in range(count))
 
-    def _prompt(self, user: tuple[UserPart, ...], frames: tuple[object, ...], instructions: str | None) -> TurnPrompt:
+    def _prompt(
+        self, user: tuple[UserPart, ...], frames: tuple[object, ...], instructions: str | None
+    ) -> TurnPrompt:
         audio = tuple(p.audio for p in user if isinstance(p, InputAudio))
         images = tuple(p.image for p in user if isinstance(p, InputImage))
         texts = [p.text for p in user if isinstance(p, InputText)]
@@ -778,8 +812,9 @@ class DuplexController:
         return text
 
     @staticmethod
-    def _classified(segment: _Segment, kind: SegmentKind, ignored: bool = False,
-                    reason: str | None = None) -> SegmentClassified:
+    def _classified(
+        segment: _Segment, kind: SegmentKind, ignored: bool = False, reason: str | None = None
+    ) -> SegmentClassified:
         return SegmentClassified(segment.segment_id, kind, segment.start, segment.end, ignored, reason)
 
     _HANDLERS: ClassVar[dict[type[Event], Callable[..., list[Action]]]] = {

@@ -207,7 +207,9 @@ class TokenDelta(Event):
     def __post_init__(self) -> None:
         _check_id("TokenDelta.request_id", self.request_id)
         if not isinstance(self.token_ids, tuple):
-            raise TypeError(f"TokenDelta.token_ids must be a tuple of ints; got {type(self.token_ids).__name__}")
+            raise TypeError(
+                f"TokenDelta.token_ids must be a tuple of ints; got {type(self.token_ids).__name__}"
+            )
         if not isinstance(self.text, str):
             raise TypeError(f"TokenDelta.text must be a str; got {type(self.text).__name__}")
 

@@ -112,9 +112,11 @@ class History:
     ) -> str:
         """Record a finished answer. ``played_samples=None`` keeps all of ``text`` (it was all
         delivered); otherwise only its played part. Returns the kept text."""
-        kept = text.strip() if played_samples is None or not has_audio else played_text(
-            text, sentences, played_samples
-        ).strip()
+        kept = (
+            text.strip()
+            if played_samples is None or not has_audio
+            else played_text(text, sentences, played_samples).strip()
+        )
         if self._max_turns == 0:
             return kept
         self._entries.append(_Entry(response_id, user, prefix, text, sentences, has_audio, kept))

@@ -92,11 +92,22 @@ class VadHub:
         self._sinks.pop(stream_id, None)
 
     def push(self, stream_id: Hashable, samples: np.ndarray) -> None:
+        if stream_id not in self._sinks:
+            return
         self._bank.push(stream_id, samples)
         for sid, event in self._bank.process():
             sink = self._sinks.get(sid)
             if sink is not None:
                 sink(event)
+
+    def flush(self, stream_id: Hashable) -> list[VadEvent]:
+        """End the stream's speech now (a manual commit); the events also go to its sink."""
+        if stream_id not in self._sinks:
+            return []
+        events = self._bank.flush(stream_id)
+        for event in events:
+            self._sinks[stream_id](event)
+        return events
 
 
 @dataclass
@@ -184,6 +195,8 @@ class DuplexSession:
         self._progress_timer: asyncio.TimerHandle | None = None
         self._aborts: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._vad_base = 0  # input sample where the current VAD stream began
+        self._vad_on = True
         vad.add(session_id, self.settings.vad, self._on_vad)
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -194,6 +207,19 @@ class DuplexSession:
             return
         self._samples_in += len(samples)
         self._vad.push(self.session_id, samples)
+
+    def set_vad_params(self, params: VadParams | None) -> None:
+        """New VAD parameters (a fresh stream from here on), or None for manual turns (no VAD)."""
+        self._vad.remove(self.session_id)
+        self._vad_on = params is not None
+        if params is not None:
+            self.settings.vad = params
+            self._vad_base = self._samples_in
+            self._vad.add(self.session_id, params, self._on_vad)
+
+    def flush_speech(self) -> bool:
+        """Close the speech segment in progress now; False when there was none."""
+        return any(isinstance(e, VadEnded) for e in self._vad.flush(self.session_id))
 
     def push_frame(self, frame: Any) -> None:
         self._feed(FrameCaptured(frame, self._samples_in))
@@ -237,12 +263,13 @@ class DuplexSession:
     # --- the inbox ------------------------------------------------------------------------------
 
     def _on_vad(self, event: VadEvent) -> None:
+        base = self._vad_base  # VAD streams count from their own start; the controller from the session's
         if isinstance(event, VadStarted):
-            self._feed(SpeechStarted(event.start_sample))
+            self._feed(SpeechStarted(base + event.start_sample))
         elif isinstance(event, VadEnded):
-            self._feed(SpeechEnded(event.start_sample, event.end_sample, event.audio))
+            self._feed(SpeechEnded(base + event.start_sample, base + event.end_sample, event.audio))
         elif isinstance(event, VadDiscarded):
-            self._feed(SpeechDiscarded(event.start_sample, event.end_sample))
+            self._feed(SpeechDiscarded(base + event.start_sample, base + event.end_sample))
 
     def _feed(self, event: Event) -> None:
         if self._closed:

@@ -30,7 +30,28 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache cap on CPU (ignored on GPU)")
 
+    serve = sub.add_parser("serve", help="run the server (no --model: the embedded CPU demo model)")
+    serve.add_argument("--model", dest="models", action="append", help="checkpoint dir; twice for two engines")
+    serve.add_argument("--config", type=Path, help="TOML or JSON settings file (same names as VITA_* vars)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--engines", type=int, choices=[1, 2])
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--gpu-ids", type=lambda s: s.split(","), help="per engine, e.g. 0,1")
+    serve.add_argument("--gpu-memory-utilization", type=float)
+    serve.add_argument("--tensor-parallel-size", type=int)
+    serve.add_argument("--kv-cache-mib", type=int)
+    serve.add_argument("--cpu-cores", type=lambda s: s.split(","), help="per engine on CPU, e.g. 0,1")
+    serve.add_argument("--dtype")
+    serve.add_argument("--api-key", dest="api_keys", action="append", help="repeatable")
+    serve.add_argument("--max-sessions", type=int)
+    serve.add_argument("--tts", choices=["espeak", "http", "none"])
+    serve.add_argument("--tts-url")
+    serve.add_argument("--log-format", choices=["text", "json"])
+
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "build-tiny":
         from models.tiny import build_tiny
@@ -41,6 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return asyncio.run(_generate(args))
     return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .app import create_app
+    from .logs import configure_logging
+    from .settings import load_settings
+
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        settings = load_settings(cli, args.config)
+    except (ValidationError, OSError, ValueError) as exc:
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, ws_max_size=2 * settings.max_event_bytes + (1 << 20))
+    return 0
 
 
 async def _generate(args: argparse.Namespace) -> int:

@@ -86,3 +86,59 @@ async def forced_engines(forced_dirs: dict[str, Path]) -> AsyncIterator[dict[str
     yield started
     for engine in started.values():
         await engine.shutdown()
+
+
+API_KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real `vita-duplex serve` process on a tiny VITA-1.5 checkpoint whose first token is ☞ (query),
+    with an API key, espeak speech and a small session limit. Yields its http:// base URL."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from models.tiny import build_tiny
+
+    model = build_tiny("vita15", tmp_path_factory.mktemp("served") / "query", seed=5, force="query")
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server-log") / "server.log"
+    env = {**os.environ, "VITA_CPU_CORES": "0,1", "VITA_MAX_TOKENS": "48"}
+    cmd = [
+        sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(port),
+        "--kv-cache-mib", "64", "--device", "cpu", "--api-key", API_KEY, "--max-sessions", "4",
+    ]
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url + "/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready in 180 s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -40,7 +40,6 @@ from duplex.events import (
     SpeechDiscarded,
     SpeechEnded,
     SpeechStarted,
-    SpeechStartedNotice,
     SpeechStoppedNotice,
     SpeechSynthesized,
     StartGeneration,
@@ -84,7 +83,10 @@ class Client:
         for a in actions:
             if isinstance(a, EmitAudio):
                 assert a.response_id not in self.paused, "audio emitted while paused"
-                heard, buffer = self.heard.setdefault(a.response_id, []), self.buffer.setdefault(a.response_id, [])
+                heard, buffer = (
+                    self.heard.setdefault(a.response_id, []),
+                    self.buffer.setdefault(a.response_id, []),
+                )
                 assert a.start_sample == len(heard) + len(buffer), "audio must continue where the client is"
                 samples = list(a.pcm)[a.offset : a.offset + a.num_samples]  # type: ignore[call-overload]
                 assert len(samples) == a.num_samples
@@ -206,7 +208,12 @@ def test_query_is_answered_with_text_speech_audio_and_history() -> None:
     assert not only(end, ResponseDone)  # audio still to come
 
     audio = s.synthesize([one(first, Speak), one(end, Speak)])
-    assert [(a.start_sample, a.num_samples) for a in only(audio, EmitAudio)] == [(0, 3), (3, 2), (5, 3), (8, 2)]
+    assert [(a.start_sample, a.num_samples) for a in only(audio, EmitAudio)] == [
+        (0, 3),
+        (3, 2),
+        (5, 3),
+        (8, 2),
+    ]
     assert not only(audio, ResponseDone)  # not played yet
     played = s.client.play(response)
     done = s.send(PlaybackPosition(response, played, reply_to_pause=False))
@@ -244,8 +251,13 @@ def test_barge_in_with_a_query_cancels_the_answer_and_swaps_roles() -> None:
     assert s.send(TokenDelta(old_request, (WORD,), " more")) == [EmitText(old, " more")]  # text still flows
     actions = s.send(TokenDelta(probe.request_id, (QUERY, WORD), "☞Sure."))
     assert kinds(actions)[:7] == [
-        "SegmentClassified", "AbortGeneration", "CancelSpeech", "ClearOutput", "ResponseDone",
-        "RolesSwapped", "ResponseStarted",
+        "SegmentClassified",
+        "AbortGeneration",
+        "CancelSpeech",
+        "ClearOutput",
+        "ResponseDone",
+        "RolesSwapped",
+        "ResponseStarted",
     ]
     assert one(actions, AbortGeneration).request_id == old_request
     assert one(actions, ResponseDone) == ResponseDone(old, "cancelled", "turn_detected")
@@ -261,7 +273,7 @@ def test_barge_in_with_a_query_cancels_the_answer_and_swaps_roles() -> None:
 
 def test_barge_in_noise_resumes_with_no_audio_lost() -> None:
     s = Session()
-    request, response, speaks = s.speaking()
+    request, response, _ = s.speaking()
     s.client.play(response, 4)  # 10 samples emitted, 4 heard
     s.send(SpeechStarted(20000))
     assert response in s.client.paused and s.client.buffer[response] == []
@@ -424,7 +436,7 @@ def test_one_engine_mode_runs_both_roles_on_engine_0() -> None:
 
 def test_interrupt_response_false_never_pauses_and_ignores_queries_while_answering() -> None:
     s = Session(interrupt_response=False)
-    request, response, speaks = s.speaking()
+    request, response, _ = s.speaking()
     assert not only(s.send(SpeechStarted(20000)), PauseOutput)
     probe = one(s.send(SpeechEnded(20000, 30000, "q")), StartGeneration)
     actions = s.send(TokenDelta(probe.request_id, (QUERY,), "☞"))
@@ -619,7 +631,9 @@ def test_frames_go_into_the_next_turn() -> None:
 def test_session_update_and_chunker_injection() -> None:
     from duplex.sentences import SentenceChunker
 
-    ctl = DuplexController(ControllerSettings(state_tokens=ST), session_id="u", chunker_factory=SentenceChunker)
+    ctl = DuplexController(
+        ControllerSettings(state_tokens=ST), session_id="u", chunker_factory=SentenceChunker
+    )
     s = Session(ctl)
     assert s.send(SessionUpdated(history_turns=1, instructions="Speak French.")) == []
     request = s.segment()
@@ -684,7 +698,10 @@ def test_simple_chunker() -> None:
 
 def test_played_text_and_history() -> None:
     text = "Hello there. Second sentence here."
-    sentences = [SpokenSentence("Hello there.", 12, 0, 100), SpokenSentence("Second sentence here.", 34, 100, 200)]
+    sentences = [
+        SpokenSentence("Hello there.", 12, 0, 100),
+        SpokenSentence("Second sentence here.", 34, 100, 200),
+    ]
     assert played_text(text, sentences, 0) == ""
     assert played_text(text, sentences, 50) == "Hello"
     assert played_text(text, sentences, 100) == "Hello there."
@@ -692,8 +709,14 @@ def test_played_text_and_history() -> None:
     assert played_text(text, sentences, 10_000) == text
     unfinished = [sentences[0], SpokenSentence("Second sentence here.", 34, 100, None)]
     assert played_text(text, unfinished, 150) == "Hello there."  # unknown length: claim nothing
-    assert played_text("你好。今天天气很好。", [SpokenSentence("你好。", 3, 0, 30),
-                                           SpokenSentence("今天天气很好。", 10, 30, 100)], 60) == "你好。今天天"
+    assert (
+        played_text(
+            "你好。今天天气很好。",
+            [SpokenSentence("你好。", 3, 0, 30), SpokenSentence("今天天气很好。", 10, 30, 100)],
+            60,
+        )
+        == "你好。今天天"
+    )
     history = History(1)
     history.add("r1", (InputText("a"),), "☞", "x", has_audio=False)
     history.add("r2", (InputText("b"),), "☞", text, tuple(sentences), has_audio=True, played_samples=50)

@@ -56,7 +56,9 @@ WORDS = ("a ", "bb. ", "c! ", "d\n", "e? ", " ", "<|im_end|>")
 
 # Weighted so that answers often get to speak before something interrupts them.
 OPS = (
-    ("deliver",) * 12 + ("play",) * 4 + ("speech_start", "speech_end") * 2
+    ("deliver",) * 12
+    + ("play",) * 4
+    + ("speech_start", "speech_end") * 2
     + ("speech_discard", "text", "cancel", "truncate", "frame", "manual")
 )
 RARE = {"text", "cancel", "truncate", "manual"}  # taken one time in three
@@ -77,6 +79,8 @@ class World:
         self.probes: set[str] = set()  # running probes with no verdict yet
         self.response_request: dict[str, str] = {}
         self.done: dict[str, str] = {}
+        self.truncated: set[str] = set()
+        self.finished: list[str] = []  # response ids in the order they ended
         self.active: str | None = None
         self.text: dict[str, str] = {}
         self.sentences: dict[str, int] = {}
@@ -90,9 +94,7 @@ class World:
     # --- driving ---------------------------------------------------------------------------------
 
     def send(self, event: Event) -> None:
-        stale = (
-            isinstance(event, (TokenDelta, GenerationEnded)) and event.request_id not in self.running
-        )
+        stale = isinstance(event, (TokenDelta, GenerationEnded)) and event.request_id not in self.running
         if isinstance(event, GenerationEnded) and event.request_id in self.running:
             self.running.discard(event.request_id)
             self.probes.discard(event.request_id)
@@ -214,6 +216,7 @@ class World:
             self.buffer.get(a.response_id, []).clear()
         elif isinstance(a, ResponseTruncated):
             assert self.text.get(a.response_id, "").strip().startswith(a.text)
+            self.truncated.add(a.response_id)
 
     def start(self, a: StartGeneration) -> None:
         assert a.request_id not in self.running and a.request_id not in self.response_request.values()
@@ -252,7 +255,9 @@ class World:
         assert a.response_id not in self.response_request, "response ids must be new"
         assert self.active is None, "two active responses"
         assert a.request_id in self.running
-        answering = [r for rid, r in self.response_request.items() if rid not in self.done and r in self.running]
+        answering = [
+            r for rid, r in self.response_request.items() if rid not in self.done and r in self.running
+        ]
         assert not answering, "two answering requests"
         self.probes.discard(a.request_id)
         self.response_request[a.response_id] = a.request_id
@@ -261,7 +266,10 @@ class World:
     def response_done(self, a: ResponseDone) -> None:
         assert a.response_id == self.active, "ResponseDone of a response that is not active"
         assert self.response_request[a.response_id] not in self.running, "its generation outlives it"
+        if a.reason == "turn_detected":
+            assert self.cfg.interrupt_response, "interrupt_response=False never interrupts"
         self.done[a.response_id] = a.status
+        self.finished.append(a.response_id)
         self.active = None
         self.paused.discard(a.response_id)
         if a.status in ("completed", "incomplete") and self.cfg.audio_output:
@@ -313,15 +321,22 @@ class World:
         assert sum(role == "answer" for role in live.values()) <= 1
         assert self.ctl.current_response_id == self.active
         assert self.paused <= ({self.active} if self.active else set())
-        assert len(self.ctl.history) <= self.cfg.history_turns
+        if self.cfg.interrupt_response and self.active and (self.speech_start is not None or self.probes):
+            assert self.active in self.paused or not self.buffer.get(self.active), "audio plays over the user"
+        # Every ended answer enters history (noise never does), the oldest leave first.
+        kept = self.finished[-self.cfg.history_turns :] if self.cfg.history_turns else []
+        assert [rid for rid, _ in self.ctl.history.items()] == kept
         for response_id, turn in self.ctl.history.items():
             text = self.text.get(response_id, "").strip()
             reply = turn.assistant
             for state in ("☞", "☟", "☜"):
                 reply = reply.removeprefix(state)
             assert text.startswith(reply), f"history holds text never emitted: {reply!r} vs {text!r}"
-            if self.done.get(response_id) in ("completed", "incomplete"):
-                assert reply == text
+            if (
+                self.done.get(response_id) in ("completed", "incomplete")
+                and response_id not in self.truncated
+            ):
+                assert reply == text, "a completed answer keeps all its text"
 
     def check_final(self) -> None:
         assert self.running == set() and self.ctl.live_requests() == {}

@@ -1,0 +1,154 @@
+"""FastAPI app factory: engines in the background, health/readiness/metrics, the OpenAI-style APIs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from duplex.runtime import VadHub
+from duplex.tts import TextOnlyTTS, TextToSpeech
+
+from .auth import bearer_token, key_matches, origin_allowed
+from .engines import EnginePool
+from .metrics import Metrics
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    """Everything the endpoints share. Per-session state lives in each session, never here."""
+
+    settings: ServerSettings
+    pool: EnginePool
+    vad: VadHub
+    metrics: Metrics
+    tts_factory: Callable[[], TextToSpeech]
+    active: int = 0
+    startup_error: str | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def try_admit(self) -> bool:
+        if self.active >= self.settings.max_sessions:
+            self.metrics.sessions_rejected.inc()
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        self.active = max(0, self.active - 1)
+
+
+def make_tts_factory(settings: ServerSettings) -> Callable[[], TextToSpeech]:
+    if settings.tts == "none":
+        return TextOnlyTTS
+    if settings.tts == "http":
+        from duplex.tts_http import OpenAISpeechTTS
+
+        if not settings.tts_url:
+            raise ValueError("tts=http needs tts_url (an OpenAI-compatible server's base URL)")
+        url, model, voice = settings.tts_url, settings.tts_model, settings.tts_voice
+        return lambda: OpenAISpeechTTS(url, model=model, voice=voice)
+    try:
+        from duplex.tts import EspeakTTS
+
+        EspeakTTS().synthesize_blocking("ok")
+        return EspeakTTS
+    except Exception as exc:  # the GPL voice is an optional extra
+        log.warning("espeak voice unavailable (%s); speech output is text only", exc)
+        return TextOnlyTTS
+
+
+def resolve_models(settings: ServerSettings) -> list[str]:
+    if settings.models:
+        return list(settings.models)
+    from models.embedded import demo_checkpoint
+
+    log.warning(
+        "no model given: serving the embedded DEMO model (SmolLM2-135M-Instruct in the VITA layout, random "
+        "vision/audio towers). Typed questions get real answers; spoken/visual input is not understood."
+    )
+    return [str(demo_checkpoint())]
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    pool = EnginePool(settings, [])
+    state = AppState(
+        settings=settings,
+        pool=pool,
+        vad=VadHub(),
+        metrics=Metrics(in_flight=lambda: float(pool.requests_in_flight())),
+        tts_factory=make_tts_factory(settings),
+    )
+
+    async def start_engines() -> None:
+        try:
+            pool.model_dirs = await asyncio.to_thread(resolve_models, settings)
+            await pool.start()
+            log.info("ready: %d engine(s) on %s", len(pool.engines), ", ".join(pool.model_dirs))
+        except Exception as exc:
+            state.startup_error = f"{type(exc).__name__}: {exc}"
+            log.exception("engines failed to start")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Engines load in the background so /health answers at once and /ready says when to route.
+        task = asyncio.create_task(start_engines())
+        yield
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await pool.shutdown()
+
+    app = FastAPI(title="vita-duplex", version="0.1.0", lifespan=lifespan)
+    app.state.vita = state
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
+        path = request.url.path
+        if path.startswith("/v1/") and settings.api_keys:
+            if not key_matches(bearer_token(request.headers.get("authorization")), settings.api_keys):
+                return _error(401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)")
+        if not origin_allowed(request.headers.get("origin"), settings.allowed_origins):
+            return _error(403, "origin_not_allowed", "this Origin is not in the server's allow-list")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if state.pool.ready:
+            return JSONResponse({"status": "ready", "engines": len(state.pool.engines)})
+        body = {"status": "failed" if state.startup_error else "loading", "error": state.startup_error}
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [{"id": state.pool.model_id, "object": "model", "owned_by": "vita-duplex"}]}
+
+    from .chat import router as chat_router
+    from .realtime import router as realtime_router
+
+    app.include_router(chat_router)
+    app.include_router(realtime_router)
+    return app
+
+
+def _error(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status
+    )

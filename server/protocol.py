@@ -1,0 +1,219 @@
+"""OpenAI Realtime client events as pydantic models (GA names; beta names accepted as aliases), and
+the server's `error` event. VITA's own events live under the `vita.` prefix.
+
+`parse_client_event(text)` returns a model or raises `ProtocolError` carrying the OpenAI error fields,
+so the socket can answer with an `error` event and stay open.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str, param: str | None = None, event_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.param, self.event_id = code, message, param, event_id
+
+    def event(self) -> dict[str, Any]:
+        return error_event(self.code, self.message, self.param, self.event_id)
+
+
+def error_event(
+    code: str, message: str, param: str | None = None, event_id: str | None = None, kind: str = "invalid_request_error"
+) -> dict[str, Any]:
+    return {
+        "type": "error",
+        "error": {"type": kind, "code": code, "message": message, "param": param, "event_id": event_id},
+    }
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    event_id: str | None = None
+
+
+class TurnDetection(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    threshold: Annotated[float, Field(gt=0, lt=1)] | None = None
+    prefix_padding_ms: Annotated[int, Field(ge=0, le=5000)] | None = None
+    silence_duration_ms: Annotated[int, Field(ge=0, le=10000)] | None = None
+    create_response: bool | None = None
+    interrupt_response: bool | None = None
+    idle_timeout_ms: int | None = None
+    eagerness: str | None = None
+
+
+class _AudioIO(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    format: dict[str, Any] | str | None = None
+    turn_detection: TurnDetection | None = Field(default=None)
+    voice: str | None = None
+
+
+class _Audio(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: _AudioIO | None = None
+    output: _AudioIO | None = None
+
+
+class SessionConfig(BaseModel):
+    """GA fields plus the beta flat ones (modalities, input/output_audio_format, turn_detection, voice)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str | None = None
+    instructions: str | None = None
+    output_modalities: list[Literal["text", "audio"]] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None  # beta
+    audio: _Audio | None = None
+    input_audio_format: str | dict[str, Any] | None = None  # beta
+    output_audio_format: str | dict[str, Any] | None = None  # beta
+    turn_detection: TurnDetection | None = None  # beta
+    voice: str | None = None  # beta
+    max_output_tokens: int | Literal["inf"] | None = None
+    max_response_output_tokens: int | Literal["inf"] | None = None  # beta
+
+    def turn_detection_given(self) -> tuple[bool, TurnDetection | None]:
+        """Whether the update mentions turn detection at all (null means: manual turns)."""
+        if "turn_detection" in self.model_fields_set:
+            return True, self.turn_detection
+        if self.audio and self.audio.input and "turn_detection" in self.audio.input.model_fields_set:
+            return True, self.audio.input.turn_detection
+        return False, None
+
+    def modalities_given(self) -> list[str] | None:
+        return self.output_modalities or self.modalities
+
+
+class SessionUpdate(_Event):
+    type: Literal["session.update"]
+    session: SessionConfig
+
+
+class AudioAppend(_Event):
+    type: Literal["input_audio_buffer.append"]
+    audio: str
+
+
+class AudioCommit(_Event):
+    type: Literal["input_audio_buffer.commit"]
+
+
+class AudioClear(_Event):
+    type: Literal["input_audio_buffer.clear"]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["input_text", "input_audio", "input_image", "text", "output_text"]
+    text: str | None = None
+    audio: str | None = None
+    image_url: str | None = None
+
+
+class Item(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system"] = "user"
+    content: list[ContentPart] = Field(min_length=1)
+
+
+class ItemCreate(_Event):
+    type: Literal["conversation.item.create"]
+    item: Item
+    previous_item_id: str | None = None
+
+
+class ItemTruncate(_Event):
+    type: Literal["conversation.item.truncate"]
+    item_id: str
+    content_index: int = 0
+    audio_end_ms: Annotated[int, Field(ge=0)]
+
+
+class ItemDelete(_Event):
+    type: Literal["conversation.item.delete"]
+    item_id: str
+
+
+class ResponseConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    output_modalities: list[Literal["text", "audio"]] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None  # beta
+    instructions: str | None = None
+    conversation: str | None = None
+
+
+class ResponseCreate(_Event):
+    type: Literal["response.create"]
+    response: ResponseConfig = Field(default_factory=ResponseConfig)
+
+
+class ResponseCancel(_Event):
+    type: Literal["response.cancel"]
+    response_id: str | None = None
+
+
+class FrameAppend(_Event):
+    """VITA extension: one live camera frame (base64 JPEG/PNG or a data: URL)."""
+
+    type: Literal["vita.frame.append"]
+    image: str
+
+
+class TextAppend(_Event):
+    """VITA extension: typed text gated like speech (VITA answers ☜ / <3>)."""
+
+    type: Literal["vita.text.append"]
+    text: str = Field(min_length=1)
+
+
+ClientEvent = (
+    SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | ItemTruncate | ItemDelete
+    | ResponseCreate | ResponseCancel | FrameAppend | TextAppend
+)
+
+_MODELS: dict[str, type[BaseModel]] = {
+    "session.update": SessionUpdate,
+    "input_audio_buffer.append": AudioAppend,
+    "input_audio_buffer.commit": AudioCommit,
+    "input_audio_buffer.clear": AudioClear,
+    "conversation.item.create": ItemCreate,
+    "conversation.item.truncate": ItemTruncate,
+    "conversation.item.delete": ItemDelete,
+    "response.create": ResponseCreate,
+    "response.cancel": ResponseCancel,
+    "vita.frame.append": FrameAppend,
+    "vita.text.append": TextAppend,
+}
+# Beta spellings of client events that were renamed in GA.
+_ALIASES: dict[str, str] = {"transcription_session.update": "session.update"}
+
+
+def parse_client_event(text: str | bytes) -> ClientEvent:
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError("invalid_json", f"event is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("invalid_event", "an event must be a JSON object with a 'type' field")
+    event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+    kind = data.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("missing_type", "the event has no string 'type' field", "type", event_id)
+    kind = _ALIASES.get(kind, kind)
+    model = _MODELS.get(kind)
+    if model is None:
+        known = ", ".join(sorted(_MODELS))
+        raise ProtocolError("unknown_event_type", f"unknown event type {kind!r}; accepted: {known}", "type", event_id)
+    try:
+        return model.model_validate({**data, "type": kind})  # type: ignore[return-value]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise ProtocolError("invalid_value", f"{kind}: {param}: {first['msg']}", param, event_id) from None
