@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import threading
+import unicodedata
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +44,12 @@ class TextToSpeech(Protocol):
     def sample_rate(self) -> int: ...
 
     def synthesize(self, text: str) -> AsyncIterator[np.ndarray]: ...
+
+
+def speakable(text: str) -> str:
+    """Drop control characters: espeak takes a C string, so a NUL (which a model can emit) would end
+    the utterance there, and other controls are read out or ignored unpredictably."""
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
 
 
 class TextOnlyTTS:
@@ -144,6 +151,7 @@ class _EspeakEngine:
         cancelled: threading.Event | None = None,
     ) -> None:
         """Synthesize ``text`` in this thread, handing chunks to ``sink`` (False = stop)."""
+        text = speakable(text)
         # Poll the lock so a cancelled request that is still queued behind another one gives up.
         while not self.lock.acquire(timeout=0.05):
             if cancelled is not None and cancelled.is_set():

@@ -157,7 +157,9 @@ def _zero_residual_writes(weights: dict[str, torch.Tensor], dims: list[int]) -> 
             tensor[dims, :] = 0.0
 
 
-def mask_untokenizable_rows(weights: dict[str, torch.Tensor], tokenizer_size: int) -> None:
+def mask_untokenizable_rows(
+    weights: dict[str, torch.Tensor], tokenizer_size: int, also: tuple[int, ...] = ()
+) -> None:
     """Keep the random model from emitting ids the tokenizer cannot decode (rows past it, placeholders).
 
     Residual dimension 1 is +1 for every token and untouched by the layers; those rows of lm_head read
@@ -169,6 +171,8 @@ def mask_untokenizable_rows(weights: dict[str, torch.Tensor], tokenizer_size: in
     head = weights["lm_head.weight"]
     head[:, 1] = 0.0
     head[tokenizer_size:, 1] = -40.0
+    for token in also:
+        head[token, 1] = -40.0
 
 
 def force_first_token(weights: dict[str, torch.Tensor], config: VitaConfig, trigger_id: int, target_id: int) -> None:
@@ -205,9 +209,16 @@ def feature_extractor_config(seed: int = 0) -> dict:
 
 
 def build_tiny(
-    layout: Layout, out_dir: str | Path, *, seed: int = 0, force: ForcedToken | None = None
+    layout: Layout,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    force: ForcedToken | None = None,
+    never_stop: bool = False,
 ) -> Path:
-    """Write a complete tiny checkpoint to `out_dir` and return it."""
+    """Write a complete tiny checkpoint to `out_dir` and return it.
+
+    `never_stop` bans EOS, so every answer runs to max_tokens (long, predictable answers for tests)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(layout, out)
@@ -216,7 +227,8 @@ def build_tiny(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    mask_untokenizable_rows(weights, len(tokenizer))
+    banned = (int(config.eos_token_id),) if never_stop else ()
+    mask_untokenizable_rows(weights, len(tokenizer), also=banned)
     if force is not None:
         last = "assistant\n" if layout == "vita15" else "bot:"
         trigger = tokenizer.encode(last, add_special_tokens=False)[-1]

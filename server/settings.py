@@ -5,26 +5,29 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+# Lists come from env vars as JSON or comma-separated: decoded by the validators below, not by pydantic-settings.
+StrList = Annotated[list[str], NoDecode]
 
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VITA_", extra="forbid")
 
     # Models and engines
-    models: list[str] = Field(default_factory=list, description="checkpoint dir(s); none: the embedded demo")
+    models: StrList = Field(default_factory=list, description="checkpoint dir(s); none: the embedded demo")
     engines: int = Field(2, ge=1, le=2, description="2: generator + monitor engines; 1: both roles on one")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    gpu_ids: list[str] = Field(default_factory=list, description='per engine CUDA_VISIBLE_DEVICES, e.g. ["0","1"]')
+    gpu_ids: StrList = Field(default_factory=list, description='per engine CUDA_VISIBLE_DEVICES, e.g. ["0","1"]')
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="per GPU; split when engines share one")
     tensor_parallel_size: int = Field(1, ge=1)
     dtype: str = "auto"
     kv_cache_mib: int = Field(256, ge=16, description="KV-cache cap per engine on CPU")
-    cpu_cores: list[str] = Field(default_factory=list, description='per engine cores on CPU, e.g. ["0","1"]')
+    cpu_cores: StrList = Field(default_factory=list, description='per engine cores on CPU, e.g. ["0","1"]')
     max_model_len: int | None = None
     max_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.0, ge=0)
@@ -32,13 +35,13 @@ class ServerSettings(BaseSettings):
     # Network, auth and limits
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: list[SecretStr] = Field(default_factory=list, description="if set, every request needs one")
-    allowed_origins: list[str] = Field(default_factory=list, description="browser origins; empty: any")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="if set, every request needs one")
+    allowed_origins: StrList = Field(default_factory=list, description="browser origins; empty: any")
     max_sessions: int = Field(16, ge=1)
     max_event_bytes: int = Field(15 << 20, ge=1024)
     max_buffered_audio_s: float = Field(60.0, gt=0)
     idle_timeout_s: float = Field(600.0, gt=0)
-    media_url_allowlist: list[str] = Field(default_factory=list, description="hosts http(s) media may come from")
+    media_url_allowlist: StrList = Field(default_factory=list, description="hosts http(s) media may come from")
 
     # Conversation and VAD defaults (clients may change them per session)
     history_turns: int = Field(2, ge=0)
@@ -61,14 +64,18 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # VITA_MODELS=/a,/b as well as JSON lists
-        if isinstance(value, str) and not value.strip().startswith("["):
+        if isinstance(value, str) and value.strip().startswith("["):
+            return json.loads(value)
+        if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _comma_keys(cls, value: Any) -> Any:
-        if isinstance(value, str) and not value.strip().startswith("["):
+        if isinstance(value, str) and value.strip().startswith("["):
+            return json.loads(value)
+        if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 

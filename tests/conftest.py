@@ -101,8 +101,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory: pytest.TempPathFactory):
-    """A real `vita-duplex serve` process on a tiny VITA-1.5 checkpoint whose first token is ☞ (query),
-    with an API key, espeak speech and a small session limit. Yields its http:// base URL."""
+    """A real `vita-duplex serve` process on a tiny VITA-1.5 checkpoint whose first token is ☞ (query)
+    and whose answers always run to max_tokens (48), with an API key, espeak speech and a small session limit. Yields its http:// base URL."""
     import subprocess
     import sys
     import time
@@ -110,7 +110,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory):
 
     from models.tiny import build_tiny
 
-    model = build_tiny("vita15", tmp_path_factory.mktemp("served") / "query", seed=5, force="query")
+    model = build_tiny("vita15", tmp_path_factory.mktemp("served") / "query", seed=5, force="query", never_stop=True)
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server-log") / "server.log"
     env = {**os.environ, "VITA_CPU_CORES": "0,1", "VITA_MAX_TOKENS": "48"}

@@ -234,3 +234,13 @@ def test_any_split_gives_the_same_chunks(cuts: list[int]) -> None:
         pos += n
     deltas.append(text[pos:])
     assert chunk_stream(deltas) == chunk_stream([text])
+
+
+def test_control_characters_do_not_cut_speech_short() -> None:
+    from duplex.tts import EspeakTTS, speakable
+
+    assert speakable("a\x00b\x07c\nd") == "abc\nd"
+    tts = EspeakTTS()
+    whole = tts.synthesize_blocking("hello there my friend")
+    with_nul = tts.synthesize_blocking("\x00hello there my friend")
+    assert len(with_nul) > 0.8 * len(whole)
