@@ -1,7 +1,8 @@
 """Shared fixtures: tiny checkpoints built once per test session, and real vLLM engines shared by tests.
 
-Each vLLM engine costs ~15-30 s to start on 2 CPU cores, so engines are session-scoped and every
-test that needs one reuses it. Engines cap their KV cache and run eager, as required on CPU.
+Each vLLM engine costs ~15-30 s to start on 2 CPU cores, so every test of a module shares its
+engines (module scope: ~2 GB each is freed when the module is done), and one server process serves
+all server tests. Engines cap their KV cache and run eager, as required on CPU.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {layout: build_tiny(layout, root / layout) for layout in ("vita15", "vita10")}
 
 
-@pytest_asyncio.fixture(scope="session")
+@pytest_asyncio.fixture(scope="module")
 async def engines(tiny_dirs: dict[str, Path]) -> AsyncIterator[dict[str, object]]:
     """One engine per layout, each pinned to its own core: together they are 'two engines in one process'."""
     from models.engine import VitaEngine
@@ -75,7 +76,7 @@ def forced_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {kind: build_tiny("vita15", root / kind, seed=3, force=kind) for kind in ("query", "noise")}
 
 
-@pytest_asyncio.fixture(scope="session")
+@pytest_asyncio.fixture(scope="module")
 async def forced_engines(forced_dirs: dict[str, Path]) -> AsyncIterator[dict[str, object]]:
     from models.engine import VitaEngine
 
