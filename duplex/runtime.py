@@ -178,7 +178,8 @@ class DuplexSession:
     ) -> None:
         self.settings = settings or RuntimeSettings()
         self.session_id = session_id
-        self._engines = list(engines)
+        # The caller's list itself, not a copy: an engine the server restarts replaces its slot.
+        self._engines = engines
         self._tts = tts
         self._vad = vad
         self.controller = DuplexController(

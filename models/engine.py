@@ -130,7 +130,9 @@ class VitaEngine:
         )
         async with _ENV_LOCK:
             with _placement_env(settings):
-                llm = AsyncLLM.from_engine_args(args)
+                # Building the engine blocks for tens of seconds: keep the event loop answering
+                # (health checks, other sessions) meanwhile. Its output loop starts lazily on first use.
+                llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         log.info("engine ready: %s (devices=%s cores=%s)", settings.model, settings.device_ids, settings.cpu_cores)
         return cls(llm, settings, config, tokenizer)
 
@@ -161,14 +163,17 @@ class VitaEngine:
             )
 
     async def abort(self, request_id: str) -> None:
-        await self._llm.abort(request_id)
+        if self._llm is not None and not self._llm.errored:
+            await self._llm.abort(request_id)
 
     def num_unfinished(self) -> int:
+        if self._llm is None:
+            return 0
         return int(self._llm.output_processor.get_num_unfinished_requests())
 
     @property
     def is_running(self) -> bool:
-        return not self._llm.errored
+        return self._llm is not None and not self._llm.errored
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -33,6 +34,8 @@ class AppState:
     tts_factory: Callable[[], TextToSpeech]
     active: int = 0
     startup_error: str | None = None
+    shutting_down: bool = False
+    connections: set[Any] = field(default_factory=set)  # live realtime connections
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def try_admit(self) -> bool:
@@ -93,6 +96,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             pool.model_dirs = await asyncio.to_thread(resolve_models, settings)
             await pool.start()
             log.info("ready: %d engine(s) on %s", len(pool.engines), ", ".join(pool.model_dirs))
+            await pool.watch()
         except Exception as exc:
             state.startup_error = f"{type(exc).__name__}: {exc}"
             log.exception("engines failed to start")
@@ -126,9 +130,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> Response:
-        if state.pool.ready:
+        if state.pool.ready and not state.shutting_down:
             return JSONResponse({"status": "ready", "engines": len(state.pool.engines)})
-        body = {"status": "failed" if state.startup_error else "loading", "error": state.startup_error}
+        status = "shutting_down" if state.shutting_down else "failed" if state.startup_error else (
+            "restarting" if state.pool.engines else "loading"
+        )
+        body = {"status": status, "error": state.startup_error}
         return JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
@@ -145,6 +152,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(chat_router)
     app.include_router(realtime_router)
     return app
+
+
+async def close_all_sessions(state: AppState, reason: str = "server shutting down", timeout_s: float = 5.0) -> None:
+    """Tell every realtime client why it is being disconnected (close 1001 with a reason)."""
+    state.shutting_down = True
+    closing = [conn.close(1001, reason) for conn in list(state.connections)]
+    if closing:
+        await asyncio.wait([asyncio.ensure_future(c) for c in closing], timeout=timeout_s)
 
 
 def _error(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:

@@ -79,8 +79,41 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, ws_max_size=2 * settings.max_event_bytes + (1 << 20))
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None,
+        ws_max_size=2 * settings.max_event_bytes + (1 << 20), timeout_graceful_shutdown=10,
+    )
+    _GracefulServer(config, app.state.vita).run()
     return 0
+
+
+class _GracefulServer:
+    """uvicorn.Server that, on SIGTERM/SIGINT, first closes every realtime session with a reason
+    (close 1001 "server shutting down") and only then lets uvicorn stop; a second signal forces it."""
+
+    def __new__(cls, config, state):  # type: ignore[no-untyped-def]
+        import uvicorn
+
+        from .app import close_all_sessions
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: object) -> None:
+                if state.shutting_down or self.should_exit:
+                    super().handle_exit(sig, frame)
+                    return
+                import asyncio
+
+                loop = asyncio.get_event_loop()
+
+                async def graceful() -> None:
+                    await close_all_sessions(state)
+                    self.should_exit = True
+
+                state.shutting_down = True
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(graceful()))
+
+        return Server(config)
 
 
 async def _generate(args: argparse.Namespace) -> int:

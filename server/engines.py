@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -57,24 +58,60 @@ def engine_settings(settings: ServerSettings, model: str, placement: Placement, 
 
 
 class EnginePool:
-    """The engines every session shares (each session owns only its roles over them)."""
+    """The engines every session shares (each session owns only its roles over them).
+
+    A watchdog restarts an engine whose process died; meanwhile `ready` is false (so a load
+    balancer stops routing here), and sessions whose requests failed got an error event and go on.
+    """
+
+    WATCH_INTERVAL_S = 0.5
 
     def __init__(self, settings: ServerSettings, model_dirs: list[str]) -> None:
         self.settings = settings
         self.model_dirs = model_dirs
-        self.engines: list[VitaEngine] = []
+        self.engines: list[VitaEngine] = []  # sessions hold this very list: slots are replaced in place
+        self._settings: list[EngineSettings] = []
         self._ready = asyncio.Event()
+        self._restarting: set[int] = set()
+        self.restarts = 0
 
     async def start(self) -> None:
         on_gpu = use_gpu(self.settings)
         dirs = self.model_dirs if len(self.model_dirs) > 1 else self.model_dirs * self.settings.engines
         for model, placement in zip(dirs, placements(self.settings, on_gpu), strict=False):
-            self.engines.append(await VitaEngine.start(engine_settings(self.settings, model, placement, on_gpu)))
+            settings = engine_settings(self.settings, model, placement, on_gpu)
+            self._settings.append(settings)
+            self.engines.append(await VitaEngine.start(settings))
         self._ready.set()
+
+    async def watch(self) -> None:
+        """Restart dead engines, one at a time, for as long as the server runs."""
+        while True:
+            await asyncio.sleep(self.WATCH_INTERVAL_S)
+            for index, engine in enumerate(list(self.engines)):
+                if not engine.is_running and index not in self._restarting:
+                    await self._restart(index)
+
+    async def _restart(self, index: int) -> None:
+        self._restarting.add(index)
+        log.error("engine %d died; restarting it", index)
+        try:
+            with contextlib.suppress(Exception):
+                await self.engines[index].shutdown()
+            self.engines[index] = await VitaEngine.start(self._settings[index])
+            self.restarts += 1
+            log.info("engine %d restarted", index)
+        finally:
+            self._restarting.discard(index)
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and all(e.is_running for e in self.engines)
+        return (
+            self._ready.is_set()
+            and not self._restarting
+            and bool(self.engines)
+            and all(e.is_running for e in self.engines)
+        )
 
     @property
     def model_id(self) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -77,7 +78,6 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 OUTPUT_RATE = 24000  # the session runtime's output rate; converted to the wire format here
-SEND_QUEUE_LIMIT = 4096  # events; a client this far behind is not reading
 
 
 @router.websocket("/v1/realtime")
@@ -98,13 +98,19 @@ async def realtime(ws: WebSocket) -> None:
                                        kind="server_error"))
         await ws.close(code=1013, reason="engines not ready")
         return
+    if state.shutting_down:
+        await ws.close(code=1001, reason="server shutting down")
+        return
     if not state.try_admit():
         await ws.close(code=1013, reason=f"server at capacity ({settings.max_sessions} sessions)")
         return
     state.metrics.sessions.inc()
+    connection = RealtimeConnection(ws, state)
+    state.connections.add(connection)
     try:
-        await RealtimeConnection(ws, state).run()
+        await connection.run()
     finally:
+        state.connections.discard(connection)
         state.metrics.sessions.dec()
         state.release()
 
@@ -157,7 +163,11 @@ class RealtimeConnection:
         self.last_item_id: str | None = None
         self.speech_stopped_at: float | None = None
         self.speech_started_at: float | None = None
-        self.send_queue: asyncio.Queue[dict[str, Any] | _Closing] = asyncio.Queue(SEND_QUEUE_LIMIT)
+        self.send_queue: asyncio.Queue[str] = asyncio.Queue()
+        self.queued_bytes = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing: _Closing | None = None
+        self._finished = asyncio.Event()
         engines = self.state.pool.engines
         runtime = RuntimeSettings(
             controller=ControllerSettings(
@@ -181,7 +191,7 @@ class RealtimeConnection:
         session_id_var.set(self.session_id)
         log.info("session opened")
         self._send(self._session_event("session.created"))
-        tasks = [
+        tasks = self._tasks = [
             asyncio.create_task(self._read(), name="read"),
             asyncio.create_task(self._translate(), name="translate"),
             asyncio.create_task(self._write(), name="write"),
@@ -189,36 +199,49 @@ class RealtimeConnection:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                exc = task.exception()
+                exc = None if task.cancelled() else task.exception()
                 if isinstance(exc, _Closing):
-                    with contextlib.suppress(Exception):
-                        await self.ws.close(code=exc.code, reason=exc.reason)
+                    self._closing = self._closing or exc
                 elif exc is not None and not isinstance(exc, WebSocketDisconnect):
-                    log.exception("session failed", exc_info=exc)
-                    with contextlib.suppress(Exception):
-                        await self.ws.close(code=1011, reason="internal error")
+                    log.error("session failed", exc_info=exc)
+                    self._closing = self._closing or _Closing(1011, "internal error")
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self.session.close()
+            await self.session.close()  # abort engine requests, stop TTS: nothing outlives the socket
+            if self._closing is not None:
+                log.info("closing session: %s", self._closing.reason)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.ws.close(code=self._closing.code, reason=self._closing.reason), 2)
+            self._finished.set()
             log.info("session closed")
+
+    async def close(self, code: int, reason: str) -> None:
+        """End the session from the server side with a close code and a reason the client sees."""
+        self._closing = self._closing or _Closing(code, reason)
+        for task in self._tasks:
+            task.cancel()
+        await self._finished.wait()
 
     async def _write(self) -> None:
         while True:
-            item = await self.send_queue.get()
-            if isinstance(item, _Closing):
-                raise item
-            await self.ws.send_json(item)
+            text = await self.send_queue.get()
+            self.queued_bytes -= len(text)
+            await self.ws.send_text(text)
 
     def _send(self, event: dict[str, Any]) -> None:
-        try:
-            self.send_queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if self._closing is not None:
+            return
+        text = json.dumps(event, ensure_ascii=False)
+        limit = self.state.settings.max_send_buffer_bytes
+        if self.queued_bytes + len(text) > limit:
             # The client stopped reading: end this session rather than buffer without bound.
-            while not self.send_queue.empty():
-                self.send_queue.get_nowait()
-            self.send_queue.put_nowait(_Closing(1008, "client is not reading events (send buffer full)"))
+            log.warning("send buffer over %d bytes: client is not reading", limit)
+            asyncio.ensure_future(self.close(1008, "client is not reading events (send buffer full)"))
+            return
+        self.queued_bytes += len(text)
+        self.send_queue.put_nowait(text)
 
     def _error(self, code: str, message: str, param: str | None = None, event_id: str | None = None) -> None:
         self.state.metrics.errors.labels(code=code).inc()

@@ -40,6 +40,7 @@ class ServerSettings(BaseSettings):
     max_sessions: int = Field(16, ge=1)
     max_event_bytes: int = Field(15 << 20, ge=1024)
     max_buffered_audio_s: float = Field(60.0, gt=0)
+    max_send_buffer_bytes: int = Field(16 << 20, ge=4096, description="per session; a client further behind is closed")
     idle_timeout_s: float = Field(600.0, gt=0)
     media_url_allowlist: StrList = Field(default_factory=list, description="hosts http(s) media may come from")
 

@@ -100,46 +100,76 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory):
-    """A real `vita-duplex serve` process on a tiny VITA-1.5 checkpoint whose first token is ☞ (query)
-    and whose answers always run to max_tokens (48), with an API key, espeak speech and a small session limit. Yields its http:// base URL."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+class ServerProcess:
+    """A real `vita-duplex serve` subprocess; `url` is its http:// base URL, `log_path` its output."""
 
-    from models.tiny import build_tiny
+    def __init__(self, model: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        import subprocess
+        import sys
 
-    model = build_tiny("vita15", tmp_path_factory.mktemp("served") / "query", seed=5, force="query", never_stop=True)
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("server-log") / "server.log"
-    env = {**os.environ, "VITA_CPU_CORES": "0,1", "VITA_MAX_TOKENS": "48"}
-    cmd = [
-        sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(port),
-        "--kv-cache-mib", "64", "--device", "cpu", "--api-key", API_KEY, "--max-sessions", "4",
-    ]
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    try:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / "server.log"
+        cmd = [
+            sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(self.port),
+            "--kv-cache-mib", "64", "--device", "cpu", *args,
+        ]
+        full_env = {**os.environ, "VITA_CPU_CORES": "0,1", "VITA_MAX_TOKENS": "48", **(env or {})}
+        with open(self.log_path, "w") as log_file:
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
             try:
-                with urllib.request.urlopen(url + "/ready", timeout=2) as r:
+                with urllib.request.urlopen(self.url + "/ready", timeout=2) as r:
                     if r.status == 200:
-                        break
+                        return
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in 180 s:\n{log_path.read_text()[-4000:]}")
+                raise RuntimeError(f"server not ready in {timeout:.0f} s:\n{self.log()[-4000:]}")
             time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
         try:
-            proc.wait(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny VITA-1.5 whose first token is ☞ (query) and whose answers always run to max_tokens."""
+    from models.tiny import build_tiny
+
+    return build_tiny("vita15", tmp_path_factory.mktemp("served") / "query", seed=5, force="query", never_stop=True)
+
+
+@pytest.fixture(scope="session")
+def server(served_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The shared server for server tests: an API key, espeak speech, at most 4 sessions, 48 tokens."""
+    proc = ServerProcess(served_model, tmp_path_factory.mktemp("server-log"), "--api-key", API_KEY,
+                         "--max-sessions", "4")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def server_url(server: ServerProcess) -> str:
+    return server.url

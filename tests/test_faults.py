@@ -1,0 +1,182 @@
+"""Faults against a real server process: client gone mid-answer, an engine process killed, a client
+that never reads, and SIGTERM. This module runs its own server (small send buffer, no API key)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import websockets
+
+from tests.conftest import ServerProcess
+from tests.test_server_realtime import _question
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def fault_server(served_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    proc = ServerProcess(served_model, tmp_path_factory.mktemp("fault-log"), "--max-sessions", "8",
+                         env={"VITA_MAX_SEND_BUFFER_BYTES": "65536", "VITA_MAX_TOKENS": "200"})
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/ready", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.HTTPError, OSError):
+        return False
+
+
+async def _connect(url: str):
+    ws = await websockets.connect(url.replace("http://", "ws://") + "/v1/realtime", max_size=None)
+    assert json.loads(await ws.recv())["type"] == "session.created"
+    return ws
+
+
+async def _until(ws, kind: str, timeout: float = 30.0) -> list[dict]:
+    seen = []
+    async with asyncio.timeout(timeout):
+        while True:
+            event = json.loads(await ws.recv())
+            seen.append(event)
+            if event["type"] == kind:
+                return seen
+
+
+async def _ask_text(ws, text: str = "Hello?") -> None:
+    await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}))
+    await ws.send(json.dumps({"type": "response.create"}))
+
+
+async def _wait_in_flight(url: str, value: float, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = _metric(url, "vita_engine_requests_in_flight")
+        if current == value or time.monotonic() > deadline:
+            return current
+        await asyncio.sleep(0.05)
+
+
+async def test_client_disconnect_mid_answer_aborts_the_engine_request(fault_server: ServerProcess) -> None:
+    ws = await _connect(fault_server.url)
+    await _ask_text(ws, "Tell me a long story.")
+    await _until(ws, "response.output_audio_transcript.delta")
+    assert _metric(fault_server.url, "vita_engine_requests_in_flight") >= 1
+    await ws.close()
+    t0 = time.monotonic()
+    assert await _wait_in_flight(fault_server.url, 0, timeout=1.0) == 0
+    assert time.monotonic() - t0 <= 1.0
+
+
+async def test_a_client_that_never_reads_is_closed_and_others_are_unaffected(fault_server: ServerProcess) -> None:
+    slow = await websockets.connect(fault_server.url.replace("http://", "ws://") + "/v1/realtime",
+                                    max_size=None, max_queue=1)  # stop reading right away
+    slow.transport.pause_reading()
+    for _ in range(6):  # long spoken answers pile up unread
+        await _ask_text(slow, "Tell me a long story please.")
+    healthy = await _connect(fault_server.url)
+    await _ask_text(healthy, "Are you there?")
+    events = await _until(healthy, "response.done", timeout=60)
+    assert events[-1]["response"]["status"] in ("completed", "incomplete")
+    slow.transport.resume_reading()
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        async with asyncio.timeout(60):
+            while True:
+                await slow.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert "not reading" in closed.value.rcvd.reason
+    await healthy.close()
+    assert await _wait_in_flight(fault_server.url, 0, timeout=2.0) == 0
+
+
+def _engine_core_pids(server_pid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if ppid == server_pid and ("EngineCore" in cmd or "EngineCore" in status.splitlines()[0]):
+            pids.append(int(entry.name))
+    return pids
+
+
+async def test_killed_engine_is_reported_and_restarted(fault_server: ServerProcess) -> None:
+    ws = await _connect(fault_server.url)
+    await _ask_text(ws, "Tell me a long story.")
+    await _until(ws, "response.output_audio_transcript.delta")
+    pids = _engine_core_pids(fault_server.proc.pid)
+    assert pids, "no EngineCore process found under the server"
+    os.kill(pids[0], signal.SIGKILL)
+    t0 = time.monotonic()
+    while _ready(fault_server.url):
+        assert time.monotonic() - t0 < 5.0, "/ready still true 5 s after an engine died"
+        await asyncio.sleep(0.1)
+    events = await _until(ws, "response.done", timeout=30)
+    errors = [e for e in events if e["type"] == "error"]
+    done = events[-1]["response"]
+    assert errors or done["status"] == "failed", [e["type"] for e in events]
+    assert fault_server.proc.poll() is None  # the server process stays up
+    deadline = time.monotonic() + 150
+    while not _ready(fault_server.url):
+        assert time.monotonic() < deadline, "engine was not restarted"
+        await asyncio.sleep(0.5)
+    await _ask_text(ws, "Are you back?")  # the same session keeps working
+    assert (await _until(ws, "response.done", timeout=60))[-1]["response"]["status"] in ("completed", "incomplete")
+    await ws.close()
+    fresh = await _connect(fault_server.url)
+    await _ask_text(fresh)
+    assert (await _until(fresh, "response.done", timeout=60))[-1]["type"] == "response.done"
+    await fresh.close()
+
+
+async def test_sigterm_closes_sessions_with_a_reason_and_stops_cleanly(
+    served_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    proc = ServerProcess(served_model, tmp_path_factory.mktemp("sigterm-log"), "--engines", "1")
+    try:
+        await asyncio.to_thread(proc.wait_ready)
+        ws = await _connect(proc.url)
+        pcm = _question()
+        await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                  "audio": base64.b64encode(pcm[: len(pcm) // 2]).decode()}))
+        engine_pids = _engine_core_pids(proc.proc.pid)
+        proc.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            async with asyncio.timeout(15):
+                while True:
+                    await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert closed.value.rcvd.reason == "server shutting down"
+        assert await asyncio.to_thread(proc.proc.wait, 60) == 0
+        for pid in engine_pids:  # engines shut down with the server: no orphans
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    finally:
+        proc.stop()
