@@ -131,7 +131,7 @@ class _Closing(Exception):
     reason: str
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: live connections are kept in a set
 class RealtimeConnection:
     ws: WebSocket
     state: AppState
