@@ -45,7 +45,7 @@ from models.config import STATE_TOKEN_TEXT
 from models.engine import Delta, EngineInput, Sampling, VitaEngine
 from models.errors import InvalidMediaError
 from models.inputs import user_input
-from models.prompts import Turn
+from models.prompts import Modality, Turn
 
 from .media import FetchPolicy, MediaURLRefusedError, decode_input_audio, load_image, load_video_frames
 
@@ -344,7 +344,9 @@ async def build_prompt(req: ChatRequest, engine: VitaEngine, settings: ServerSet
     now = _UserTurn()
     for i in blocks[-1][1]:
         await _add_user_message(now, req.messages[i], i, settings, with_vision=True)
-    modality = "video" if now.frames else "image" if now.images else "audio" if now.audios else "text"
+    modality: Modality = (
+        "video" if now.frames else "image" if now.images else "audio" if now.audios else "text"
+    )
     system = "\n".join([engine.prompts.system_prompt(modality), *(s for s in system_texts if s.strip())])
     try:
         prompt = user_input(
@@ -374,24 +376,24 @@ class _VisibleText:
     """Streamed model text minus state and special tokens, identical however the text was split."""
 
     def __init__(self) -> None:
-        self._raw = ""
-        self._sent = 0
+        self._tail = ""  # text not yet emitted: at most a possible special token in the making
         self._started = False
 
     def push(self, text: str) -> str:
-        self._raw += text
-        partial = _PARTIAL_TOKEN_RE.search(self._raw)
-        return self._emit(self._raw[: partial.start()] if partial else self._raw)
+        self._tail += text
+        partial = _PARTIAL_TOKEN_RE.search(self._tail)
+        return self._emit(partial.start() if partial else len(self._tail))
 
     def flush(self) -> str:
-        return self._emit(self._raw)
+        return self._emit(len(self._tail))
 
-    def _emit(self, raw: str) -> str:
-        visible = strip_special_tokens(raw)
+    def _emit(self, cut: int) -> str:
+        # No token can straddle `cut` (it is where a possible token starts), so each part strips alone.
+        ready, self._tail = self._tail[:cut], self._tail[cut:]
+        piece = strip_special_tokens(ready)
         if not self._started:  # the reply starts after the state token: no leading blank
-            visible = visible.lstrip()
-        piece, self._sent = visible[self._sent :], max(self._sent, len(visible))
-        self._started = self._started or bool(visible)
+            piece = piece.lstrip()
+            self._started = bool(piece)
         return piece
 
 
