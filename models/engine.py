@@ -90,6 +90,7 @@ class Delta:
     text: str
     finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
     logprobs: tuple[dict[int, float], ...] | None = None
+    num_prompt_tokens: int | None = None  # on the first delta: the prompt after media expansion
 
 
 class VitaEngine:
@@ -152,14 +153,18 @@ class VitaEngine:
             logprobs=sampling.logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
+        first = True
         async for output in self._llm.generate(prompt.to_vllm(), params, request_id=request_id):
             completion = output.outputs[0]
+            prompt_tokens = len(output.prompt_token_ids or ()) if first else None
+            first = False
             yield Delta(
                 request_id=request_id,
                 token_ids=tuple(completion.token_ids),
                 text=completion.text,
                 finish_reason=completion.finish_reason if output.finished else None,
                 logprobs=_logprob_dicts(completion.logprobs),
+                num_prompt_tokens=prompt_tokens,
             )
 
     async def abort(self, request_id: str) -> None:

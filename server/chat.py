@@ -420,7 +420,9 @@ class _Generation:
 
     @property
     def prompt_tokens(self) -> int:
-        # Placeholders count once each: the engine's expanded count is not reported per request.
+        # The engine reports the prompt after media expansion on its first delta.
+        if self._first is not None and self._first.num_prompt_tokens is not None:
+            return self._first.num_prompt_tokens
         return len(self.prompt.token_ids)
 
     async def start(self, started: float) -> None:

@@ -118,7 +118,7 @@ class ServerProcess:
         with open(self.log_path, "w") as log_file:
             self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
 
-    def wait_ready(self, timeout: float = 180.0) -> None:
+    def wait_ready(self, timeout: float = 400.0) -> None:
         import time
         import urllib.request
 
