@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from duplex.runtime import VadHub
@@ -114,15 +114,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="vita-duplex", version="0.1.0", lifespan=lifespan)
     app.state.vita = state
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
-        path = request.url.path
-        if path.startswith("/v1/") and settings.api_keys:
-            if not key_matches(bearer_token(request.headers.get("authorization")), settings.api_keys):
-                return _error(401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)")
-        if not origin_allowed(request.headers.get("origin"), settings.allowed_origins):
-            return _error(403, "origin_not_allowed", "this Origin is not in the server's allow-list")
-        return await call_next(request)
+    app.add_middleware(GuardMiddleware, settings=settings)
 
     @app.get("/health")
     async def health() -> dict:
@@ -148,10 +140,35 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     from .chat import router as chat_router
     from .realtime import router as realtime_router
+    from .web import router as web_router
 
     app.include_router(chat_router)
     app.include_router(realtime_router)
+    app.include_router(web_router)
     return app
+
+
+class GuardMiddleware:
+    """API keys on `/v1/*` and the Origin allow-list for HTTP, as plain ASGI (a `BaseHTTPMiddleware`
+    would hide client disconnects from streaming endpoints). WebSockets check both in their handler,
+    where they can answer with a close code."""
+
+    def __init__(self, app: Any, settings: ServerSettings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            refusal = None
+            if scope["path"].startswith("/v1/") and self.settings.api_keys:
+                if not key_matches(bearer_token(headers.get("authorization")), self.settings.api_keys):
+                    refusal = _error(401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)")
+            if refusal is None and not origin_allowed(headers.get("origin"), self.settings.allowed_origins):
+                refusal = _error(403, "origin_not_allowed", "this Origin is not in the server's allow-list")
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def close_all_sessions(state: AppState, reason: str = "server shutting down", timeout_s: float = 5.0) -> None:
