@@ -25,7 +25,7 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def fault_server(served_model: Path, tmp_path_factory: pytest.TempPathFactory):
     proc = ServerProcess(served_model, tmp_path_factory.mktemp("fault-log"), "--max-sessions", "8",
-                         env={"VITA_MAX_SEND_BUFFER_BYTES": "65536", "VITA_MAX_TOKENS": "200"})
+                         env={"VITA_MAX_SEND_BUFFER_BYTES": str(1 << 20), "VITA_MAX_TOKENS": "200"})
     try:
         proc.wait_ready()
         yield proc
@@ -49,9 +49,12 @@ def _ready(url: str) -> bool:
         return False
 
 
-async def _connect(url: str):
+async def _connect(url: str, text_only: bool = True):
     ws = await websockets.connect(url.replace("http://", "ws://") + "/v1/realtime", max_size=None)
     assert json.loads(await ws.recv())["type"] == "session.created"
+    if text_only:
+        await ws.send(json.dumps({"type": "session.update", "session": {"output_modalities": ["text"]}}))
+        assert json.loads(await ws.recv())["type"] == "session.updated"
     return ws
 
 
@@ -83,7 +86,7 @@ async def _wait_in_flight(url: str, value: float, timeout: float) -> float:
 async def test_client_disconnect_mid_answer_aborts_the_engine_request(fault_server: ServerProcess) -> None:
     ws = await _connect(fault_server.url)
     await _ask_text(ws, "Tell me a long story.")
-    await _until(ws, "response.output_audio_transcript.delta")
+    await _until(ws, "response.output_text.delta")
     assert _metric(fault_server.url, "vita_engine_requests_in_flight") >= 1
     await ws.close()
     t0 = time.monotonic()
@@ -93,10 +96,11 @@ async def test_client_disconnect_mid_answer_aborts_the_engine_request(fault_serv
 
 async def test_a_client_that_never_reads_is_closed_and_others_are_unaffected(fault_server: ServerProcess) -> None:
     slow = await websockets.connect(fault_server.url.replace("http://", "ws://") + "/v1/realtime",
-                                    max_size=None, max_queue=1)  # stop reading right away
-    slow.transport.pause_reading()
-    for _ in range(6):  # long spoken answers pile up unread
-        await _ask_text(slow, "Tell me a long story please.")
+                                    max_size=None, max_queue=1)
+    slow.transport.pause_reading()  # never reads: what the server sends piles up
+    update = json.dumps({"type": "session.update", "session": {"instructions": "x" * 400}})
+    for _ in range(20000):  # each answered by a ~1 KB session.updated: far past socket buffers + 1 MiB
+        await slow.send(update)
     healthy = await _connect(fault_server.url)
     await _ask_text(healthy, "Are you there?")
     events = await _until(healthy, "response.done", timeout=60)
@@ -131,7 +135,7 @@ def _engine_core_pids(server_pid: int) -> list[int]:
 async def test_killed_engine_is_reported_and_restarted(fault_server: ServerProcess) -> None:
     ws = await _connect(fault_server.url)
     await _ask_text(ws, "Tell me a long story.")
-    await _until(ws, "response.output_audio_transcript.delta")
+    await _until(ws, "response.output_text.delta")
     pids = _engine_core_pids(fault_server.proc.pid)
     assert pids, "no EngineCore process found under the server"
     os.kill(pids[0], signal.SIGKILL)
