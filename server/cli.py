@@ -10,6 +10,9 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["smoke"]:  # parses its own arguments (deploy/smoke.py)
+        return _smoke(argv[1:])
     parser = argparse.ArgumentParser(prog="vita-duplex", description="Duplex real-time inference server for VITA")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -48,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--tts", choices=["espeak", "http", "none"])
     serve.add_argument("--tts-url")
     serve.add_argument("--log-format", choices=["text", "json"])
+    sub.add_parser("smoke", add_help=False, help="check a running server after a rollout (smoke URL --help)")
 
+    from clients.python.cli import add_subcommands  # talk, ask: the Python client's commands
+
+    add_subcommands(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "client_command", None) is not None:
+        return args.client_command(args)
     if args.command == "serve":
         return _serve(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -114,6 +123,13 @@ class _GracefulServer:
                 loop.call_soon_threadsafe(lambda: asyncio.ensure_future(graceful()))
 
         return Server(config)
+
+
+def _smoke(argv: list[str]) -> int:
+    """`vita-duplex smoke URL`: what an operator runs after a rollout (clients/python/smoke.py)."""
+    from clients.python.smoke import main as smoke_main
+
+    return smoke_main(argv)
 
 
 async def _generate(args: argparse.Namespace) -> int:
