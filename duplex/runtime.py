@@ -56,11 +56,10 @@ from .events import (
 )
 from .sentences import SentenceChunker
 from .tts import TextToSpeech, resample
-from .vad import SAMPLE_RATE, SileroModel, VadBank, VadParams
+from .vad import SileroModel, VadBank, VadEvent, VadParams
 from .vad import SpeechDiscarded as VadDiscarded
 from .vad import SpeechEnded as VadEnded
 from .vad import SpeechStarted as VadStarted
-from .vad import VadEvent
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +333,7 @@ class DuplexSession:
                     return
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # an engine error ends this request only; the session goes on
+        except Exception as exc:  # noqa: BLE001 - any engine failure ends this request only; the session goes on
             log.warning("session %s request %s failed: %s", self.session_id, request_id, exc)
             self._requests.pop(request_id, None)
             self._feed(GenerationEnded(request_id, "error", str(exc)))
@@ -399,7 +398,7 @@ class DuplexSession:
                 self._feed(SentenceSynthesized(response_id, index))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a TTS failure loses this audio, not the session
             log.warning("session %s TTS failed for %s: %s", self.session_id, response_id, exc)
 
     def _finish_speech(self, response_id: str) -> None:

@@ -43,15 +43,17 @@ class OpenAISpeechTTS:
         if not text.strip():
             return
         body = {"model": self._model, "voice": self._voice, "input": text, "response_format": "pcm"}
-        async with httpx.AsyncClient(timeout=self._timeout) as client:
-            async with client.stream("POST", self._url, json=body, headers=self._headers) as response:
-                if response.status_code != 200:
-                    detail = (await response.aread())[:200].decode(errors="replace")
-                    raise TTSServerError(f"TTS server {self._url} answered {response.status_code}: {detail}")
-                leftover = b""
-                async for data in response.aiter_bytes(self._chunk):
-                    data = leftover + data
-                    even = len(data) - len(data) % 2  # a chunk may split a sample
-                    leftover = data[even:]
-                    if even:
-                        yield np.frombuffer(data[:even], dtype="<i2").astype(np.float32) / 32768.0
+        async with (
+            httpx.AsyncClient(timeout=self._timeout) as client,
+            client.stream("POST", self._url, json=body, headers=self._headers) as response,
+        ):
+            if response.status_code != 200:
+                detail = (await response.aread())[:200].decode(errors="replace")
+                raise TTSServerError(f"TTS server {self._url} answered {response.status_code}: {detail}")
+            leftover = b""
+            async for data in response.aiter_bytes(self._chunk):
+                data = leftover + data
+                even = len(data) - len(data) % 2  # a chunk may split a sample
+                leftover = data[even:]
+                if even:
+                    yield np.frombuffer(data[:even], dtype="<i2").astype(np.float32) / 32768.0

@@ -8,7 +8,7 @@ names, vLLM's registry builds it. Placeholder ids and state-token ids live here,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
@@ -59,7 +59,9 @@ class VitaAudioConfig(PreTrainedConfig):
 
 class VitaConfig(PreTrainedConfig):
     model_type = "vita"
-    sub_configs = {"text_config": AutoConfig, "vision_config": VitaVisionConfig, "audio_config": VitaAudioConfig}
+    sub_configs: ClassVar[dict[str, Any]] = {
+        "text_config": AutoConfig, "vision_config": VitaVisionConfig, "audio_config": VitaAudioConfig
+    }
 
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None

@@ -22,6 +22,7 @@ meaningful answers. SmolLM2 was not trained with VITA's state tokens, so `state_
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import importlib.metadata
 import importlib.util
@@ -69,6 +70,8 @@ _BLOCK_NAMES = {
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 _CONTROL_TOKEN = 3  # llama.cpp token type: special (control) token
+# Chats whose final hidden states give the added rows' direction (see `unlikely_direction`).
+_PROBE_QUESTIONS = ("Hello! Can you tell me something interesting about the sea?", "What is 2+2?")
 
 
 class DemoModelUnavailable(RuntimeError):
@@ -166,7 +169,8 @@ def build_demo(gguf_path: Path, out: Path, seed: int = 0) -> Path:
     gguf = read_gguf(gguf_path)
     tokenizer = build_tokenizer(gguf["metadata"], out)
     config = demo_config(gguf["metadata"], len(tokenizer), tied="lm_head.weight" not in gguf["tensors"])
-    weights = assemble_weights(config, gguf["tensors"], seed)
+    unlikely = unlikely_direction(config, tokenizer, gguf["tensors"], out)
+    weights = assemble_weights(config, gguf["tensors"], unlikely, seed)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(str(out))
     text = config.get_text_config()
@@ -317,8 +321,43 @@ def demo_config(metadata: dict[str, Any], tokenizer_size: int, tied: bool = True
     )
 
 
+def unlikely_direction(config: VitaConfig, tokenizer: Any, text: dict[str, np.ndarray], scratch: Path) -> np.ndarray:
+    """A unit vector whose logit sits far below the top logits: minus the mean final hidden state.
+
+    The embedding is tied to the output, so whatever the added rows (placeholders, padding) hold is
+    also their logit row. Zero rows are not enough: SmolLM2's final hidden states share a common
+    direction, and on flat next-token distributions a zero logit took most of the probability
+    (measured: up to 0.8 at temperature 1). Minus the mean over the positions of two chat prompts
+    kept the added rows below 1e-7 of the probability, >= 19 logits under the top, on 173 greedy
+    steps of 10 varied prompts (test_embedded checks the margin).
+    """
+    from safetensors.numpy import save_file
+    from transformers import AutoModelForCausalLM
+
+    from .prompts import PromptBuilder, Turn
+
+    # The public loading path (it sets up rotary buffers and tied weights as each version needs).
+    probe_dir = scratch / ".probe"
+    probe_dir.mkdir()
+    text_config = copy.deepcopy(config.get_text_config())
+    text_config.vocab_size = text["model.embed_tokens.weight"].shape[0]
+    text_config.save_pretrained(str(probe_dir))
+    save_file(text, str(probe_dir / "model.safetensors"), metadata={"format": "pt"})
+    model = AutoModelForCausalLM.from_pretrained(str(probe_dir), dtype=torch.float32).eval()
+    shutil.rmtree(probe_dir)
+    builder = PromptBuilder(tokenizer, config)
+    states = []
+    with torch.inference_mode():
+        for question in _PROBE_QUESTIONS:
+            ids = builder.build([Turn("user", text=question)], modality="text")
+            hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # after the final norm
+            states.append(hidden[1:])  # position 0 is an attention sink with outlier activations
+    mean = torch.cat(states).mean(0)
+    return (-mean / mean.norm()).numpy()
+
+
 def assemble_weights(
-    config: VitaConfig, text: dict[str, np.ndarray], seed: int = 0
+    config: VitaConfig, text: dict[str, np.ndarray], unlikely: np.ndarray, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """Every tensor of `checkpoint_shapes(config)`: the Llama's own, random tiny towers."""
     from .tiny import _init  # the tiny checkpoints' fan-in-scaled random init
@@ -329,7 +368,7 @@ def assemble_weights(
         if name.startswith(("model.vision_tower.", "model.mm_projector.", "model.audio_encoder.")):
             out[name] = _init(name, shape, gen).contiguous()
         elif name == "model.embed_tokens.weight":
-            out[name] = _grow_embedding(text[name], shape[0])
+            out[name] = _grow_embedding(text[name], shape[0], unlikely)
         else:
             out[name] = torch.from_numpy(text[name])
         if tuple(out[name].shape) != shape:
@@ -337,10 +376,10 @@ def assemble_weights(
     return out
 
 
-def _grow_embedding(embed: np.ndarray, rows: int) -> torch.Tensor:
-    """Append zero rows. The embedding is tied to the output, so a zero row's logit is exactly 0, far
-    below the top logits of every step (a test checks the margin); as inputs the placeholder rows are
-    always replaced by tower embeddings."""
-    grown = np.zeros((rows, embed.shape[1]), dtype=np.float32)
+def _grow_embedding(embed: np.ndarray, rows: int, unlikely: np.ndarray) -> torch.Tensor:
+    """Append rows along `unlikely`, twice a typical row's norm (the logit scales with it). As inputs
+    the placeholder rows are never read: the engine puts tower embeddings in their place."""
+    grown = np.empty((rows, embed.shape[1]), dtype=np.float32)
     grown[: embed.shape[0]] = embed
+    grown[embed.shape[0] :] = unlikely * 2.0 * float(np.median(np.linalg.norm(embed, axis=1)))
     return torch.from_numpy(grown)

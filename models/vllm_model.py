@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import BatchFeature
-
 from vllm.config import VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.inputs import MultiModalDataDict
@@ -46,7 +45,7 @@ from vllm.sequence import IntermediateTensors
 from .audio_features import SAMPLE_RATE, AudioFeatureExtractor, audio_token_count
 from .config import VitaConfig
 from .encoders import embed_audios, embed_images, make_audio_tower, make_vision_tower
-from .image_tiling import image_to_pixel_values, num_tiles_for
+from .image_tiling import image_to_pixel_values
 from .layout import CHECKPOINT_PREFIXES, DROPPED_PREFIXES
 
 # vLLM reserves encoder-cache room for the largest item; one clip is capped at ~60 s.
@@ -153,12 +152,12 @@ class VitaMultiModalProcessor(BaseMultiModalProcessor[VitaProcessingInfo]):
     ) -> Mapping[str, MultiModalFieldConfig]:
         num_patches = hf_inputs.get("image_num_patches", torch.empty(0, dtype=torch.long))
         lengths = hf_inputs.get("audio_feature_lengths", torch.empty(0, dtype=torch.long))
-        return dict(
-            pixel_values=MultiModalFieldConfig.flat_from_sizes("image", num_patches),
-            image_num_patches=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-            audio_features=MultiModalFieldConfig.flat_from_sizes("audio", lengths),
-            audio_feature_lengths=MultiModalFieldConfig.batched("audio", keep_on_cpu=True),
-        )
+        return {
+            "pixel_values": MultiModalFieldConfig.flat_from_sizes("image", num_patches),
+            "image_num_patches": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            "audio_features": MultiModalFieldConfig.flat_from_sizes("audio", lengths),
+            "audio_feature_lengths": MultiModalFieldConfig.batched("audio", keep_on_cpu=True),
+        }
 
     def _get_prompt_updates(
         self,

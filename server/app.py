@@ -64,7 +64,7 @@ def make_tts_factory(settings: ServerSettings) -> Callable[[], TextToSpeech]:
 
         EspeakTTS().synthesize_blocking("ok")
         return EspeakTTS
-    except Exception as exc:  # the GPL voice is an optional extra
+    except Exception as exc:  # noqa: BLE001 - the GPL voice is an optional extra: any failure means "not here"
         log.warning("espeak voice unavailable (%s); speech output is text only", exc)
         return TextOnlyTTS
 
@@ -160,9 +160,9 @@ class GuardMiddleware:
         if scope["type"] == "http":
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             refusal = None
-            if scope["path"].startswith("/v1/") and self.settings.api_keys:
-                if not key_matches(bearer_token(headers.get("authorization")), self.settings.api_keys):
-                    refusal = _error(401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)")
+            needs_key = scope["path"].startswith("/v1/") and bool(self.settings.api_keys)
+            if needs_key and not key_matches(bearer_token(headers.get("authorization")), self.settings.api_keys):
+                refusal = _error(401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer <key>)")
             if refusal is None and not origin_allowed(headers.get("origin"), self.settings.allowed_origins):
                 refusal = _error(403, "origin_not_allowed", "this Origin is not in the server's allow-list")
             if refusal is not None:

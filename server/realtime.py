@@ -451,7 +451,7 @@ class RealtimeConnection:
             for event in self._events_for(action):
                 self._send(event)
 
-    def _events_for(self, action: Any) -> list[dict[str, Any]]:  # noqa: C901 - one table of mappings
+    def _events_for(self, action: Any) -> list[dict[str, Any]]:
         if isinstance(action, SpeechStartedNotice):
             self.speech_started_at = time.monotonic()
             item_id = self.segment_items.setdefault(action.segment_id, "item_" + uuid.uuid4().hex[:20])

@@ -23,17 +23,17 @@ DATA = Path(__file__).parent / "data"
 def cpu_engine_settings(model: Path, cores: str | None = None, **overrides: object):
     from models.engine import EngineSettings
 
-    values: dict[str, object] = dict(
-        model=str(model),
-        dtype="float32",
-        enforce_eager=True,
-        kv_cache_bytes=64 << 20,
-        max_model_len=4096,
-        max_num_seqs=8,
-        limit_images=4,
-        limit_audios=2,
-        cpu_cores=cores,
-    )
+    values: dict[str, object] = {
+        "model": str(model),
+        "dtype": "float32",
+        "enforce_eager": True,
+        "kv_cache_bytes": 64 << 20,
+        "max_model_len": 4096,
+        "max_num_seqs": 8,
+        "limit_images": 4,
+        "limit_audios": 2,
+        "cpu_cores": cores,
+    }
     values.update(overrides)
     return EngineSettings(**values)  # type: ignore[arg-type]
 

@@ -23,7 +23,6 @@ from duplex.events import (
     ResumeOutput,
     RolesSwapped,
     SegmentClassified,
-    StartGeneration,
 )
 from duplex.runtime import DuplexSession, RuntimeSettings, VadHub, state_tokens_for
 from duplex.tts import EspeakTTS

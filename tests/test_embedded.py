@@ -72,7 +72,8 @@ def test_tensors_are_exactly_the_layout(demo_dir: Path, demo: tuple[VitaConfig, 
 
     config, _ = demo
     with safe_open(str(demo_dir / "model.safetensors"), "pt") as f:
-        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        names = f.keys()  # a safe_open handle is not iterable
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in names}
     expected = checkpoint_shapes(config)
     assert set(shapes) - set(expected) == set(), "unexpected tensors"
     assert set(expected) - set(shapes) == set(), "missing tensors"
@@ -150,9 +151,9 @@ def test_reference_answers_a_typed_question(demo_dir: Path, demo: tuple[VitaConf
     generated: list[int] = []
     for _ in range(12):
         logits = model.logits(ids + generated)
-        # The added rows (placeholders, padding) are zero and tied: logit 0, far below the winner.
-        assert torch.all(logits[rows:] == 0)
-        assert logits.max() - logits[rows:].max() > 10
+        # The added rows (placeholders, padding) are tied output rows too: never a likely next token.
+        assert logits.max() - logits[rows:].max() > 20
+        assert float(torch.softmax(logits, 0)[rows:].sum()) < 1e-6
         token = int(logits.argmax())
         if token == config.eos_token_id:
             break

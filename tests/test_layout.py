@@ -9,7 +9,8 @@ import pytest
 from models.config import published_config
 from models.layout import checkpoint_shapes, map_checkpoint_name
 
-PUBLISHED = json.loads(gzip.open(Path(__file__).parent / "data" / "vita_weight_shapes.json.gz", "rt").read())
+with gzip.open(Path(__file__).parent / "data" / "vita_weight_shapes.json.gz", "rt") as _f:
+    PUBLISHED = json.load(_f)
 
 
 @pytest.mark.parametrize("layout", ["vita15", "vita10"])
