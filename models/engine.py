@@ -113,7 +113,8 @@ class VitaEngine:
         register_config()
         config = AutoConfig.from_pretrained(settings.model)
         if not isinstance(config, VitaConfig):
-            raise ValueError(  # noqa: TRY004 - a bad checkpoint directory is a value problem, not a type onef"{settings.model} is not a VITA checkpoint (config model_type {config.model_type!r})")
+            raise ValueError(  # noqa: TRY004 - a bad checkpoint directory is a value problem, not a type one
+                f"{settings.model} is not a VITA checkpoint (config model_type {config.model_type!r})")
         tokenizer = AutoTokenizer.from_pretrained(settings.model)
         config.validate_placeholders(len(tokenizer))
         args = AsyncEngineArgs(
