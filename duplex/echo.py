@@ -22,8 +22,9 @@ new onset: the echo keeps it in speech) still produces a `SpeechStarted` ("promo
 
 Everything is pure numpy (soxr for the output-rate to microphone-rate conversion) and never calls a
 BLAS matrix product (a multithreaded BLAS on a busy server makes small products slow); there is no
-clock. One check of a 0.4 s window over a 0.5 s delay range costs about 2 ms of CPU (three FFTs of
-~16k points, a 32x32 solve per candidate delay).
+clock. One check of a 0.4 s window over a 0.5 s delay range costs 1-2 ms of CPU: three FFTs of ~16k
+points for the delay search, then a few FFTs of ~7k points and a 32x32 solve per candidate delay (the
+first clear fit, usually the tracked delay, ends the search).
 
 Limits: echo with strong late reverberation (direct-to-reverberant ratio below ~6 dB, a far-field
 speaker in a live room) is only partly explained (``reverb_ratio`` trades this against a quiet user
@@ -58,7 +59,8 @@ class EchoGuardParams:
     ``min_delay_ms``/``max_delay_ms``: how much later than its scheduled play position the output may
     come back (network, jitter buffer, device and acoustic latency). ``taps``: FIR length of the echo
     path model (samples at ``mic_rate``, 32 = 2 ms); ``tap_lead`` of them reach before the delay, so a
-    play position estimated a little late still fits. ``candidates``: delays refined per check.
+    play position estimated a little late still fits. ``candidates``: correlation peaks refined per
+    check (after the last clearly fitted delay, which is tried first).
 
     A window is "echo" when the fit leaves at most ``echo_ratio`` of its energy (or a residual no louder
     than ``residual_floor_rms``, which is noise) and fewer than ``speech_frames`` frames of ``frame_ms``
@@ -218,6 +220,7 @@ class EchoGuard:
         self._grid: list[int] = []  # chunk starts on the output-rate grid, ascending, never overlapping
         self._chunks: list[np.ndarray] = []
         self.delay: int | None = None  # last confidently found echo delay (mic samples)
+        self._anchor: tuple[float, int] | None = None  # (mic sample, output sample) playing then
 
     # --- output -----------------------------------------------------------------------------------
 
@@ -233,6 +236,26 @@ class EchoGuard:
             self._cut(g)
         self._grid.append(g)
         self._chunks.append(x.copy())
+
+    def note_emitted(self, pcm: np.ndarray, out_start: int, mic_now: int, restart: bool) -> float:
+        """Record output the runtime just sent, where the client will play it; returns that position.
+
+        ``out_start``: the chunk's first sample on the response's output timeline; ``mic_now``: the
+        microphone samples received when it was sent; ``restart``: playback (re)starts with this chunk
+        (a response's first chunk, or the first after a pause). Playback then runs in real time from
+        ``mic_now``; a chunk sent after the client would have run dry (TTS slower than real time) plays
+        on arrival and re-anchors the rest. What is left over (network, jitter buffer, device) is the
+        echo delay the check searches.
+        """
+        if restart or self._anchor is None:
+            self._anchor = (float(mic_now), out_start)
+        mic0, out0 = self._anchor
+        play = mic0 + (out_start - out0) / self._scale
+        if play < mic_now:
+            self._anchor = (float(mic_now), out_start)
+            play = float(mic_now)
+        self.note_output(pcm, play)
+        return play
 
     def forget_before(self, mic_sample: float) -> None:
         """Drop output that ended before ``mic_sample`` (`EchoGate.push_mic` calls this with the
@@ -358,6 +381,8 @@ class EchoGuard:
             er = em - float(np.einsum("i,i->", h, rhs))  # the least-squares residual energy
             if best is None or er < best[0]:
                 best = (er, j, h)
+            if er <= 0.5 * p.echo_ratio * em:
+                break  # a clear fit: no other delay can change the verdict
         if best is None:  # no shift has a window's worth of reference under it
             return self._unfitted("no_output", m, mic_end, mic_rms)
         _, j, h = best
@@ -418,22 +443,23 @@ class EchoGuard:
         return int(idx.size), mic_end - (k - int(idx[0])) * f
 
     def _candidates(self, score: np.ndarray, j_lo: int, j_zero: int) -> list[int]:
-        """The best ``candidates`` shifts (at least half the FIR apart), then the tracked delay's
-        (``j_zero`` is the shift of delay 0)."""
+        """Shifts to refine: the tracked delay's first (``j_zero`` is the shift of delay 0), then the
+        best ``candidates`` peaks of the single-tap score (half the FIR apart from each other, at least
+        a quarter of the top score)."""
         p = self.params
         sep = max(p.taps // 2, 1)
-        s = score.copy()
         shifts: list[int] = []
+        if self.delay is not None and j_lo <= j_zero - self.delay < j_lo + score.size:
+            shifts.append(j_zero - self.delay)
+        s = score.copy()
+        top = float(s.max())
         for _ in range(p.candidates):
             q = int(np.argmax(s))
-            if s[q] <= 0:
+            if s[q] <= 0 or s[q] < 0.25 * top:
                 break
-            shifts.append(j_lo + q)
+            if j_lo + q not in shifts:  # near the tracked delay is not enough: its FIR may miss it
+                shifts.append(j_lo + q)
             s[max(q - sep, 0) : q + sep] = 0.0
-        if self.delay is not None:
-            j = j_zero - self.delay
-            if j_lo <= j < j_lo + score.size and all(abs(j - t) >= sep for t in shifts):
-                shifts.append(j)
         return shifts
 
     def is_echo(self, mic: np.ndarray, mic_end: int) -> bool:

@@ -16,7 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,6 +26,7 @@ from models.prompts import PromptBuilder, Turn
 from models.video_frames import square_frame
 
 from .controller import ControllerSettings, DuplexController, StateTokens
+from .echo import EchoGate, EchoGateParams, EchoGuard, EchoGuardParams
 from .events import (
     AbortGeneration,
     Action,
@@ -45,9 +46,6 @@ from .events import (
     ResumeOutput,
     SentenceSynthesized,
     Speak,
-    SpeechDiscarded,
-    SpeechEnded,
-    SpeechStarted,
     SpeechSynthesized,
     StartGeneration,
     TextInput,
@@ -57,9 +55,7 @@ from .events import (
 from .sentences import SentenceChunker
 from .tts import TextToSpeech, resample
 from .vad import SileroModel, VadBank, VadEvent, VadParams
-from .vad import SpeechDiscarded as VadDiscarded
 from .vad import SpeechEnded as VadEnded
-from .vad import SpeechStarted as VadStarted
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +110,10 @@ class RuntimeSettings:
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     vad: VadParams = field(default_factory=VadParams)
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=256))
+    # The assistant's own voice coming back through the user's microphone is not a barge-in.
+    # decision_ms is the wait after an onset while output plays: 100 ms keeps onset → pause ≤ 150 ms.
+    echo: EchoGuardParams = field(default_factory=EchoGuardParams)
+    echo_gate: EchoGateParams = field(default_factory=lambda: EchoGateParams(decision_ms=100.0))
 
 
 def state_tokens_for(engine: Any) -> StateTokens | None:
@@ -197,6 +197,9 @@ class DuplexSession:
         self._closed = False
         self._vad_base = 0  # input sample where the current VAD stream began
         self._vad_on = True
+        rate = self.settings.controller.output_sample_rate
+        self._echo = EchoGuard(replace(self.settings.echo, output_rate=rate))
+        self._gate = EchoGate(self._echo, self.settings.echo_gate)
         vad.add(session_id, self.settings.vad, self._on_vad)
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -206,11 +209,14 @@ class DuplexSession:
         if self._closed:
             return
         self._samples_in += len(samples)
+        for event in self._gate.push_mic(samples):  # the echo gate sees the audio before the VAD
+            self._feed(event)
         self._vad.push(self.session_id, samples)
 
     def set_vad_params(self, params: VadParams | None) -> None:
         """New VAD parameters (a fresh stream from here on), or None for manual turns (no VAD)."""
         self._vad.remove(self.session_id)
+        self._gate.reset()
         self._vad_on = params is not None
         if params is not None:
             self.settings.vad = params
@@ -263,13 +269,10 @@ class DuplexSession:
     # --- the inbox ------------------------------------------------------------------------------
 
     def _on_vad(self, event: VadEvent) -> None:
-        base = self._vad_base  # VAD streams count from their own start; the controller from the session's
-        if isinstance(event, VadStarted):
-            self._feed(SpeechStarted(base + event.start_sample))
-        elif isinstance(event, VadEnded):
-            self._feed(SpeechEnded(base + event.start_sample, base + event.end_sample, event.audio))
-        elif isinstance(event, VadDiscarded):
-            self._feed(SpeechDiscarded(base + event.start_sample, base + event.end_sample))
+        # VAD streams count from their own start; the gate converts to session samples, holds onsets
+        # while output plays, and swallows segments that are only our own voice coming back.
+        for converted in self._gate.on_vad(event, self._vad_base):
+            self._feed(converted)
 
     def _feed(self, event: Event) -> None:
         if self._closed:
@@ -297,16 +300,21 @@ class DuplexSession:
         elif isinstance(action, CancelSpeech):
             self._cancel_speech(action.response_id)
         elif isinstance(action, EmitAudio):
+            restart = self._pacer.started is None or self._pacer.response_id != action.response_id
             self._pacer.sent(action.response_id, action.start_sample + action.num_samples)
+            pcm = np.asarray(action.pcm, dtype=np.float32)[action.offset : action.offset + action.num_samples]
+            self._echo.note_emitted(pcm, action.start_sample, self._samples_in, restart)
             self.outbound.put_nowait(action)
             self._arm_progress()
         elif isinstance(action, PauseOutput):
+            self._forget_unplayed_output()
             self.outbound.put_nowait(action)
             played = self._pacer.pause() if self._pacer.response_id == action.response_id else 0
             self._inbox.append(PlaybackPosition(action.response_id, played, reply_to_pause=True))
         elif isinstance(action, ResumeOutput):
             self.outbound.put_nowait(action)
         elif isinstance(action, ClearOutput):
+            self._forget_unplayed_output()
             if self._pacer.response_id == action.response_id:
                 self._pacer.reset(None)
             self.outbound.put_nowait(action)
@@ -314,6 +322,10 @@ class DuplexSession:
             if isinstance(action, ResponseDone):
                 self._finish_speech(action.response_id)
             self.outbound.put_nowait(action)
+
+    def _forget_unplayed_output(self) -> None:
+        """The client dropped what it had buffered: that audio will never echo back."""
+        self._echo.discard_from(self._samples_in + self._echo.params.ms(self._echo.params.max_delay_ms))
 
     def _start_generation(self, action: StartGeneration) -> None:
         engine = self._engines[action.engine]

@@ -45,6 +45,7 @@ from duplex.events import (
     SpeechStoppedNotice,
     UserItem,
 )
+from duplex.echo import EchoGuardParams
 from duplex.runtime import DuplexSession, RuntimeSettings, state_tokens_for
 from duplex.tts import TextOnlyTTS
 from duplex.vad import VadParams
@@ -180,6 +181,7 @@ class RealtimeConnection:
             ),
             vad=self._vad_params(),
             sampling=Sampling(max_tokens=s.max_tokens, temperature=s.temperature),
+            echo=EchoGuardParams(enabled=s.echo_guard),
         )
         self.session = DuplexSession(
             engines, self.tts_factory(), self.state.vad, runtime, session_id=self.session_id
@@ -434,7 +436,7 @@ class RealtimeConnection:
     def _decode_image(self, data: str, param: str, event_id: str | None) -> Image.Image:
         if data.startswith("data:"):
             _, _, data = data.partition(",")
-        elif data.startswith(("http://", "https://", "file:", "/")):
+        elif data.startswith(("http://", "https://", "file:")):  # (bare base64 JPEG starts with "/9j/")
             raise ProtocolError("invalid_image", "send images inline as base64 or a data: URL; remote URLs "
                                 "and file paths are not fetched", param, event_id)
         try:

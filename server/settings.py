@@ -51,6 +51,7 @@ class ServerSettings(BaseSettings):
     vad_silence_duration_ms: int = Field(500, ge=0)
     vad_min_speech_ms: int = Field(250, ge=0)
     no_state_token_policy: Literal["answer", "ignore"] = "answer"
+    echo_guard: bool = Field(True, description="ignore our own voice coming back through the microphone")
 
     # Speech out
     tts: Literal["espeak", "http", "none"] = "espeak"
