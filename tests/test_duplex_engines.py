@@ -59,7 +59,10 @@ async def _drain(session: DuplexSession, until, timeout: float = 30.0) -> list:
     seen: list = []
     deadline = time.monotonic() + timeout
     while True:
-        action = await asyncio.wait_for(session.outbound.get(), max(0.01, deadline - time.monotonic()))
+        try:
+            action = await asyncio.wait_for(session.outbound.get(), max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            raise AssertionError(f"timed out; saw {[type(a).__name__ for a in seen][-40:]}") from None
         seen.append(action)
         if until(action):
             return seen
@@ -162,3 +165,44 @@ async def test_close_aborts_everything(forced_engines, vad_hub) -> None:
     assert query.num_unfinished() == 1
     await session.close()
     assert await _settled(query, timeout=1.0) == 0
+
+
+async def test_echo_of_our_own_reply_is_not_a_barge_in_but_a_question_over_it_is(forced_engines, vad_hub) -> None:
+    """The reply played back into the microphone (150 ms later, at 30 % level) must not pause or
+    interrupt; a real question spoken over that echo must."""
+    from duplex.tts import resample
+
+    query = forced_engines["query"]
+    session = _session([query, query], vad_hub, "e1")
+    session.settings.sampling = Sampling(max_tokens=120, ignore_eos=True)  # several seconds of speech
+    first, _ = compose([("speech", "Tell me about the weather."), ("silence", 0.8)])
+    await _feed(session, first)
+    seen = await _drain(session, lambda a: isinstance(a, EmitAudio))
+    start_mic = session.input_samples  # playback of the reply starts about here
+    await asyncio.sleep(1.0)  # espeak runs far faster than real time: the whole reply is emitted by now
+    while not session.outbound.empty():
+        seen.append(session.outbound.get_nowait())
+    chunks = [np.asarray(a.pcm)[a.offset : a.offset + a.num_samples] for a in seen if isinstance(a, EmitAudio)]
+    reply16k = resample(np.concatenate(chunks), 24000, 16000)
+    delay = int(0.15 * 16000)
+    echo = np.concatenate([np.zeros(delay, np.float32), 0.3 * reply16k[: 16000 * 3]]).astype(np.float32)
+    noise = np.random.default_rng(0).normal(0, 0.002, echo.size).astype(np.float32)
+    await _feed(session, echo + noise)
+    assert session.input_samples - start_mic == echo.size
+    during = []
+    while not session.outbound.empty():
+        during.append(session.outbound.get_nowait())
+    assert not any(isinstance(a, (PauseOutput, SegmentClassified)) for a in during), [type(a).__name__ for a in during]
+    assert not any(isinstance(a, ResponseDone) and a.status == "cancelled" for a in during)
+
+    # now the user really speaks over the echo of what is still playing
+    question, _ = compose([("speech", "Stop, what time is it?")])
+    tail = 0.3 * reply16k[16000 * 3 - delay : 16000 * 3 - delay + question.size]
+    mixed = question.copy()
+    mixed[: tail.size] += tail.astype(np.float32)
+    await _feed(session, mixed)
+    await _feed(session, np.zeros(16000, np.float32))  # the output paused, so its echo stopped too
+    after = await _drain(session, lambda a: isinstance(a, ResponseDone) and a.reason == "turn_detected")
+    assert any(isinstance(a, PauseOutput) for a in after)
+    await session.close()
+    assert await _settled(query) == 0
