@@ -92,6 +92,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None,
         ws_max_size=2 * settings.max_event_bytes + (1 << 20), timeout_graceful_shutdown=10,
+        # The "websockets" protocol applies TCP backpressure to sends (the sans-I/O one buffers without
+        # bound), so a client that stops reading fills our bounded per-session queue and is closed.
+        ws="websockets",
     )
     _GracefulServer(config, app.state.vita).run()
     return 0
