@@ -21,16 +21,23 @@ import tempfile
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from duplex.controller import ControllerSettings  # noqa: E402
-from duplex.events import ClearOutput, EmitAudio, Event, GenerationEnded, PauseOutput, ResponseStarted, TokenDelta  # noqa: E402
-from duplex.runtime import DuplexSession, RuntimeSettings, VadHub, state_tokens_for  # noqa: E402
-from duplex.tts import EspeakTTS  # noqa: E402
-from models.engine import EngineSettings, Sampling, VitaEngine  # noqa: E402
-from models.tiny import build_tiny  # noqa: E402
-from tests.speech import compose  # noqa: E402
+from duplex.controller import ControllerSettings
+from duplex.events import (
+    ClearOutput,
+    EmitAudio,
+    Event,
+    GenerationEnded,
+    PauseOutput,
+    ResponseStarted,
+    TokenDelta,
+)
+from duplex.runtime import DuplexSession, RuntimeSettings, VadHub, state_tokens_for
+from duplex.tts import EspeakTTS
+from models.engine import EngineSettings, Sampling, VitaEngine
+from models.tiny import build_tiny
+from tests.speech import compose
 
 CHUNK = 320  # 20 ms pushes
 
