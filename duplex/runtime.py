@@ -77,6 +77,7 @@ class VadHub:
     def __init__(self, model: SileroModel | None = None) -> None:
         self._bank = VadBank(model or SileroModel())
         self._sinks: dict[Hashable, Callable[[VadEvent], None]] = {}
+        self._scheduled = False
 
     def add(self, stream_id: Hashable, params: VadParams, sink: Callable[[VadEvent], None]) -> None:
         self._bank.add_stream(stream_id, params)
@@ -87,9 +88,23 @@ class VadHub:
         self._sinks.pop(stream_id, None)
 
     def push(self, stream_id: Hashable, samples: np.ndarray) -> None:
+        """Buffer audio; all streams pushed during one event-loop turn are scored in one batched call
+        at the start of the next turn (one call per push would score one window at a time)."""
         if stream_id not in self._sinks:
             return
         self._bank.push(stream_id, samples)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (scripts, pure tests): score now
+            self._process()
+            return
+        self._scheduled = True
+        loop.call_soon(self._process)
+
+    def _process(self) -> None:
+        self._scheduled = False
         for sid, event in self._bank.process():
             sink = self._sinks.get(sid)
             if sink is not None:
@@ -99,6 +114,7 @@ class VadHub:
         """End the stream's speech now (a manual commit); the events also go to its sink."""
         if stream_id not in self._sinks:
             return []
+        self._process()  # windows already buffered come first
         events = self._bank.flush(stream_id)
         for event in events:
             self._sinks[stream_id](event)

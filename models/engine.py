@@ -49,6 +49,8 @@ class EngineSettings:
     limit_images: int = 16
     limit_audios: int = 4
     enable_prefix_caching: bool = True
+    # Processed-media cache. Live turns are always new audio, so vLLM's 4 GiB default only grows RSS.
+    mm_cache_gb: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class VitaEngine:
             kv_cache_memory_bytes=settings.kv_cache_bytes,
             limit_mm_per_prompt={"image": settings.limit_images, "audio": settings.limit_audios},
             enable_prefix_caching=settings.enable_prefix_caching,
+            mm_processor_cache_gb=settings.mm_cache_gb,
         )
         async with _ENV_LOCK:
             with _placement_env(settings):

@@ -12,7 +12,7 @@ KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 
 
 def key_matches(candidate: str | None, keys: Sequence[SecretStr]) -> bool:
-    if candidate is None:
+    if not candidate:  # no key, or an empty one, never matches (not even an empty configured key)
         return False
     given = candidate.encode()
     # Compare against every key (no early exit), so timing says nothing about which key is close.

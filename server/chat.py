@@ -205,8 +205,9 @@ async def _read_request(request: Request) -> ChatRequest:
             )
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"request body must be JSON: {exc}", "invalid_json") from None
+        json.dumps(data, ensure_ascii=False).encode()  # lone surrogates are JSON but not text
+    except (ValueError, RecursionError, UnicodeError) as exc:  # also 5000-digit ints and deep nesting
+        raise RequestError(400, f"request body must be JSON text: {str(exc)[:200]}", "invalid_json") from None
     if not isinstance(data, dict):
         raise RequestError(400, "request body must be a JSON object", "invalid_json")
     try:

@@ -123,7 +123,8 @@ class _GracefulServer:
                     self.should_exit = True
 
                 state.shutting_down = True
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(graceful()))
+                tasks = self._graceful = []  # the loop holds tasks only weakly: keep ours
+                loop.call_soon_threadsafe(lambda: tasks.append(asyncio.ensure_future(graceful())))
 
         return Server(config)
 

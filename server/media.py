@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from models.audio_features import SAMPLE_RATE, decode_audio, pcm16_to_float, to_mono_16k
+from models.audio_features import MIN_SAMPLES, SAMPLE_RATE, decode_audio, pcm16_to_float, to_mono_16k
 from models.errors import InvalidAudioError, InvalidImageError, InvalidMediaError, InvalidVideoError
 from models.image_tiling import as_image
 from models.inputs import video_file_frames
@@ -271,6 +271,11 @@ def decode_input_audio(data: str, fmt: str, max_seconds: float | None = None) ->
             raise InvalidAudioError(
                 f"input_audio ({fmt}) could not be decoded: {exc}; {_AUDIO_ACCEPTED}"
             ) from None
+    if len(clip) < MIN_SAMPLES:
+        raise InvalidAudioError(
+            f"input_audio is {1000 * len(clip) / SAMPLE_RATE:.0f} ms long; at least {1000 * MIN_SAMPLES // SAMPLE_RATE} ms "
+            "is needed for one audio token"
+        )
     if max_seconds is not None and len(clip) > max_seconds * SAMPLE_RATE:
         raise InvalidAudioError(
             f"input_audio is {len(clip) / SAMPLE_RATE:.1f} s long; at most {max_seconds:g} s is accepted"

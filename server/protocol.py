@@ -170,7 +170,7 @@ class TextAppend(_Event):
     """VITA extension: typed text gated like speech (VITA answers ☜ / <3>)."""
 
     type: Literal["vita.text.append"]
-    text: str = Field(min_length=1)
+    text: str = Field(min_length=1, pattern=r"\S")  # not blank
 
 
 ClientEvent = (
@@ -198,8 +198,10 @@ _ALIASES: dict[str, str] = {"transcription_session.update": "session.update"}
 def parse_client_event(text: str | bytes) -> ClientEvent:
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError("invalid_json", f"event is not valid JSON: {exc}") from None
+        # Lone surrogates are valid JSON escapes but not text: refuse them before they reach anything.
+        json.dumps(data, ensure_ascii=False).encode()
+    except (ValueError, RecursionError, UnicodeError) as exc:  # bad JSON, 5000-digit ints, deep nesting
+        raise ProtocolError("invalid_json", f"event is not valid JSON text: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_event", "an event must be a JSON object with a 'type' field")
     event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None

@@ -24,6 +24,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from PIL import Image
 
 from duplex.controller import ControllerSettings
+from duplex.echo import EchoGuardParams
 from duplex.events import (
     ClearOutput,
     EmitAudio,
@@ -45,7 +46,6 @@ from duplex.events import (
     SpeechStoppedNotice,
     UserItem,
 )
-from duplex.echo import EchoGuardParams
 from duplex.runtime import DuplexSession, RuntimeSettings, state_tokens_for
 from duplex.tts import TextOnlyTTS
 from duplex.vad import VadParams
@@ -168,6 +168,7 @@ class RealtimeConnection:
         self.queued_bytes = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: _Closing | None = None
+        self._close_task: asyncio.Future[None] | None = None
         self._finished = asyncio.Event()
         engines = self.state.pool.engines
         runtime = RuntimeSettings(
@@ -235,12 +236,13 @@ class RealtimeConnection:
     def _send(self, event: dict[str, Any]) -> None:
         if self._closing is not None:
             return
-        text = json.dumps(event, ensure_ascii=False)
+        text = json.dumps(event)  # ASCII: nothing a client sent can make the frame unencodable
         limit = self.state.settings.max_send_buffer_bytes
         if self.queued_bytes + len(text) > limit:
             # The client stopped reading: end this session rather than buffer without bound.
             log.warning("send buffer over %d bytes: client is not reading", limit)
-            asyncio.ensure_future(self.close(1008, "client is not reading events (send buffer full)"))
+            # Keep a reference: the event loop holds tasks only weakly.
+            self._close_task = asyncio.ensure_future(self.close(1008, "client is not reading events (send buffer full)"))
             return
         self.queued_bytes += len(text)
         self.send_queue.put_nowait(text)
@@ -265,8 +267,9 @@ class RealtimeConnection:
             if text is None:
                 self._error("binary_not_supported", "send JSON text events; binary frames are not accepted")
                 continue
-            if len(text) > limit:
-                self._error("event_too_large", f"event of {len(text)} bytes exceeds the limit of {limit} bytes")
+            size = len(text) if len(text) * 4 <= limit else len(text.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                self._error("event_too_large", f"event of {size} bytes exceeds the limit of {limit} bytes")
                 continue
             try:
                 self._handle(parse_client_event(text))

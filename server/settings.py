@@ -76,9 +76,14 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _comma_keys(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().startswith("["):
-            return json.loads(value)
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
+            value = json.loads(value)
+        elif isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        def blank(key: Any) -> bool:
+            return not (key.get_secret_value() if isinstance(key, SecretStr) else str(key)).strip()
+
+        if isinstance(value, list) and any(blank(v) for v in value):
+            raise ValueError("api_keys must not contain empty keys (an unset variable?)")
         return value
 
 

@@ -127,8 +127,8 @@ async def test_a_client_that_never_reads_is_closed_and_others_are_unaffected(fau
     await _ask_text(healthy, "Are you there?")
     events = await _until(healthy, "response.done", timeout=60)
     assert events[-1]["response"]["status"] in ("completed", "incomplete")
-    deadline = time.monotonic() + 30
-    while "client is not reading events (send buffer full)" not in fault_server.log():
+    deadline = time.monotonic() + 60
+    while "closing session: client is not reading events (send buffer full)" not in fault_server.log():
         assert time.monotonic() < deadline, "the server never closed the client that does not read"
         await asyncio.sleep(0.2)
     # The server gave up on the session; once the client reads again, the connection ends.
