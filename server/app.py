@@ -36,6 +36,7 @@ class AppState:
     startup_error: str | None = None
     shutting_down: bool = False
     connections: set[Any] = field(default_factory=set)  # live realtime connections
+    background: set[Any] = field(default_factory=set)  # tasks that must outlive their session (socket closes)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def try_admit(self) -> bool:

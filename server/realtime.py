@@ -215,10 +215,18 @@ class RealtimeConnection:
             await self.session.close()  # abort engine requests, stop TTS: nothing outlives the socket
             if self._closing is not None:
                 log.info("closing session: %s", self._closing.reason)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.ws.close(code=self._closing.code, reason=self._closing.reason), 2)
+                # The close frame is queued at once; completing the close handshake needs a client that
+                # reads, so wait briefly and let it finish in the background (never cancel it midway).
+                closing = asyncio.ensure_future(self._close_socket(self._closing))
+                self.state.background.add(closing)
+                closing.add_done_callback(self.state.background.discard)
+                await asyncio.wait({closing}, timeout=2)
             self._finished.set()
             log.info("session closed")
+
+    async def _close_socket(self, closing: _Closing) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=closing.code, reason=closing.reason)
 
     async def close(self, code: int, reason: str) -> None:
         """End the session from the server side with a close code and a reason the client sees."""
@@ -231,7 +239,10 @@ class RealtimeConnection:
         while True:
             text = await self.send_queue.get()
             self.queued_bytes -= len(text)
-            await self.ws.send_text(text)
+            try:
+                await self.ws.send_text(text)
+            except (RuntimeError, OSError, ConnectionError) as exc:  # the client went away mid-send
+                raise WebSocketDisconnect(1006) from exc
 
     def _send(self, event: dict[str, Any]) -> None:
         if self._closing is not None:
