@@ -347,8 +347,11 @@ async def _round_trip(ws: Any, audio: np.ndarray, seen: _Seen, started: float) -
     first = json.loads(await ws.recv())
     if first.get("type") != "session.created":
         raise CheckFailed(f"expected session.created first, got {_short(json.dumps(first).encode())}")
+    # Text replies: a spoken reply completes only once played in real time, which for a long answer
+    # is minutes; the round trip (VAD → engine → answer) is what this check is about.
     await send({"type": "session.update", "session": {
-        "type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}}}}})
+        "type": "realtime", "output_modalities": ["text"],
+        "audio": {"input": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}}}}})
     pcm = _pcm16(audio)
     step = SAMPLE_RATE // 10 * 2  # 100 ms per event
     for i in range(0, len(pcm), step):
