@@ -45,12 +45,10 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +59,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import free_port, http_ok, pct  # bench/common.py
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -76,23 +75,10 @@ QUESTION = "What is the weather like in Paris today?"
 TOLERANCE_MS = 64  # two VAD windows
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
-def pct(values, q: float) -> float:  # type: ignore[no-untyped-def]
-    a = np.asarray(values, dtype=np.float64)
-    return float(np.percentile(a, q)) if a.size else float("nan")
 
 
 # --- the stream and what the server's VAD must make of it ----------------------------------------

@@ -48,7 +48,6 @@ import base64
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,6 +61,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import free_port, http_ok, pct  # bench/common.py
 from websockets.asyncio.client import connect
 
 from duplex.events import TurnPrompt
@@ -78,22 +78,10 @@ SENTENCE = "What is the weather like today?"
 STATE_TEXT = ("☞", "☟", "☜")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
 def as_wire(audio: np.ndarray) -> np.ndarray:
