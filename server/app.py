@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +84,24 @@ def resolve_models(settings: ServerSettings) -> list[str]:
     return [str(demo_checkpoint())]
 
 
+def _install_task_dump() -> bool:
+    """`kill -USR1 <pid>` logs every asyncio task's stack: what a hung session is waiting on, which
+    faulthandler (threads only) cannot show. Only where signals can be handled (the main thread)."""
+    loop = asyncio.get_running_loop()
+
+    def dump() -> None:
+        for task in asyncio.all_tasks(loop):
+            stack = io.StringIO()
+            task.print_stack(file=stack)
+            log.warning("task %s:\n%s", task.get_name(), stack.getvalue())
+
+    try:
+        loop.add_signal_handler(signal.SIGUSR1, dump)
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signals here
+        return False
+    return True
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     pool = EnginePool(settings, [])
     state = AppState(
@@ -106,7 +126,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Engines load in the background so /health answers at once and /ready says when to route.
         task = asyncio.create_task(start_engines())
+        dumping = _install_task_dump()
         yield
+        if dumping:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
         task.cancel()
         with contextlib.suppress(BaseException):
             await task

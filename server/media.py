@@ -162,8 +162,9 @@ async def fetch_remote(url: str, policy: FetchPolicy, *, max_bytes: int, timeout
         raise MediaURLRefusedError(f"media URL has an invalid port; {_URLS_ACCEPTED}") from None
     address = await _checked_address(host, port, policy)
     try:
-        return await asyncio.wait_for(_get(parts, host, address, port, max_bytes), timeout_s)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a cancel on 3.11
+            return await _get(parts, host, address, port, max_bytes)
+    except TimeoutError:
         raise InvalidMediaError(f"fetching media from {host!r} took longer than {timeout_s:g} s") from None
     except httpx.HTTPError as exc:
         raise InvalidMediaError(f"fetching media from {host!r} failed: {type(exc).__name__}: {exc}") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 
 class ProtocolError(Exception):
@@ -166,11 +166,19 @@ class FrameAppend(_Event):
     image: str
 
 
+def _not_blank(text: str) -> str:
+    # Python's notion of blank (str.strip), not the regex engine's: "\x1f" is whitespace to str.strip but
+    # not to pydantic's `\S`, and the session refuses what str.strip empties.
+    if not text.strip():
+        raise ValueError("text must not be blank")
+    return text
+
+
 class TextAppend(_Event):
     """VITA extension: typed text gated like speech (VITA answers ☜ / <3>)."""
 
     type: Literal["vita.text.append"]
-    text: str = Field(min_length=1, pattern=r"\S")  # not blank
+    text: Annotated[str, AfterValidator(_not_blank)]
 
 
 ClientEvent = (

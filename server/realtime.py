@@ -269,7 +269,10 @@ class RealtimeConnection:
         idle = self.state.settings.idle_timeout_s
         while True:
             try:
-                message = await asyncio.wait_for(self.ws.receive(), timeout=idle)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the receive
+                # completes, and under a flood of input that is every time: close() would never end this task.
+                async with asyncio.timeout(idle):
+                    message = await self.ws.receive()
             except TimeoutError:
                 raise _Closing(1000, f"idle for {idle:.0f} s") from None
             if message["type"] == "websocket.disconnect":
@@ -287,6 +290,11 @@ class RealtimeConnection:
             except ProtocolError as exc:
                 self.state.metrics.errors.labels(code=exc.code).inc()
                 self._send(exc.event())
+            except ValueError as exc:
+                # Input the parser let through but the session refuses: a bug in the parser's checks, yet the
+                # client's fault too. Answer it and keep the session (the traceback goes to the log).
+                log.warning("event refused past the parser", exc_info=exc)
+                self._error("invalid_value", str(exc)[:500])
 
     def _handle(self, event: Any) -> None:
         handler = {

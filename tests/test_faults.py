@@ -112,19 +112,19 @@ def _open_non_reading_client(url: str) -> tuple[socket.socket, ClientProtocol]:
     return sock, proto
 
 
-def _flood(sock: socket.socket, proto: ClientProtocol, n: int) -> None:
+def _flood(sock: socket.socket, proto: ClientProtocol, n: int) -> int:
+    """Send up to n session.update events; returns how many went out before the server cut the socket."""
     update = json.dumps({"type": "session.update", "session": {"instructions": "x" * 400}}).encode()
-    for _ in range(n):  # each is answered by a ~1 KB session.updated that this client never reads
+    for i in range(n):  # each is answered by a ~1 KB session.updated that this client never reads
         proto.send_text(update)
-        for data in proto.data_to_send():
-            sock.sendall(data)
+        try:
+            for data in proto.data_to_send():
+                sock.sendall(data)
+        except (ConnectionResetError, BrokenPipeError):  # the server gave up on this client: expected
+            return i
+    return n
 
 
-@pytest.mark.xfail(
-    reason="known bug: the send bound trips (server logs 'client is not reading') and other sessions are "
-    "unaffected, but the session's close does not complete until the server stops; under investigation",
-    strict=False,
-)
 async def test_a_client_that_never_reads_is_closed_and_others_are_unaffected(fault_server: ServerProcess) -> None:
     sock, proto = _open_non_reading_client(fault_server.url)
     await asyncio.to_thread(_flood, sock, proto, 20000)  # ~20 MB of replies: far past socket buffers + 1 MiB
@@ -136,15 +136,19 @@ async def test_a_client_that_never_reads_is_closed_and_others_are_unaffected(fau
     while "closing session: client is not reading events (send buffer full)" not in fault_server.log():
         assert time.monotonic() < deadline, "the server never closed the client that does not read"
         await asyncio.sleep(0.2)
-    # The server gave up on the session; once the client reads again, the connection ends.
+    # The server gave up on the session; once the client reads again, the connection ends: with the
+    # 1008 close frame when it fits in what the client still has to read, else with a reset.
     sock.settimeout(60)
     ended = False
     while not ended:
-        data = await asyncio.to_thread(sock.recv, 1 << 16)
+        try:
+            data = await asyncio.to_thread(sock.recv, 1 << 16)
+        except ConnectionResetError:
+            break
         proto.receive_data(data)
         ended = not data or proto.close_rcvd is not None
     if proto.close_rcvd is not None:
-        assert proto.close_rcvd.code in (1008, 1011), proto.close_rcvd
+        assert proto.close_rcvd.code == 1008, proto.close_rcvd
     sock.close()
     await healthy.close()
     assert await _wait_in_flight(fault_server.url, 0, timeout=2.0) == 0

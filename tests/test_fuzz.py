@@ -11,6 +11,8 @@ none), the process is alive and /health answers. When a connection retires, its 
 a typed question (`response.done` with text); at the end no session or engine request is left over.
 
 `VITA_FUZZ_CASES` (default 10 000) scales the run for nightly jobs; the measured cases/s is printed (-s).
+`VITA_FUZZ_SEED` fixes the draw (default: a fixed seed, so CI is repeatable); `VITA_FUZZ_SEED=random`
+explores new cases (nightly, or by hand before a release) and a failure prints a `@reproduce_failure` blob.
 
 HTTP: schemathesis generates schema-valid and schema-invalid requests for every operation of /openapi.json
 (the chat body's schema is added from `server.chat.ChatRequest` when the route does not declare one), plus
@@ -39,7 +41,7 @@ import numpy as np
 import pytest
 import requests
 import websockets
-from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
 from hypothesis import strategies as st
 
 from tests.conftest import API_KEY
@@ -49,6 +51,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.filterwarnings("ignore:Generating ov
 CASES = int(os.environ.get("VITA_FUZZ_CASES", "10000"))
 BATCH = 48  # frames per hypothesis example (split over the lanes)
 LANES = 3  # concurrent connections (the served test server admits 4 sessions)
+SEED = os.environ.get("VITA_FUZZ_SEED", "20261126")
 CONNECTION_CASES = int(os.environ.get("VITA_FUZZ_CONNECTION_CASES", "2500"))  # frames before a lane reconnects
 MAX_EVENT_BYTES = 15 << 20  # the served test server's (default) limit
 HUGE = 16 << 10  # longest generated string (raw frames: up to GIANT)
@@ -691,6 +694,19 @@ def _suspects(payloads: list[str | bytes]) -> str:
     return "\n".join(out) or "(none fails in parse_client_event; see the server log)"
 
 
+def _seeded(test: Callable) -> Callable:
+    return test if SEED == "random" else seed(int(SEED))(test)
+
+
+def _failures_in_log(log: str, limit: int = 6000) -> str:
+    """The server's tracebacks (a 1011 close logs one as "session failed"), else the log's tail."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if "session failed" in line or "Traceback" in line]
+    if not starts:
+        return log[-limit // 2:]
+    return "\n".join(lines[starts[0]:starts[0] + 80])[:limit]
+
+
 # --- the tests -------------------------------------------------------------------------------------------
 
 
@@ -723,6 +739,7 @@ def test_realtime_fuzz_keeps_every_session_alive(server, server_url: str) -> Non
         loop.run(open_all(), 60)
         started = time.monotonic()
 
+        @_seeded
         @settings(
             max_examples=max(1, -(-CASES // BATCH)), deadline=None, database=None, derandomize=False,
             phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
@@ -737,7 +754,8 @@ def test_realtime_fuzz_keeps_every_session_alive(server, server_url: str) -> Non
             except LaneClosed as exc:
                 payloads = [p for lane in lanes for p in lane.last_payloads]
                 server_alive("after a socket closed")
-                raise AssertionError(f"{exc}\nframes the parser itself fails on:\n{_suspects(payloads)}") from None
+                raise AssertionError(f"{exc}\nframes the parser itself fails on:\n{_suspects(payloads)}"
+                                     f"\nserver log:\n{_failures_in_log(server.log())}") from None
             for lane, (payloads, events) in zip(lanes, results, strict=True):
                 assert lane.close_info is None, f"lane {lane.index} closed: {lane.close_info}"
                 stats["codes"] += check_batch(lane, payloads, events)
@@ -880,6 +898,7 @@ HOSTILE_EVENTS = {
     "surrogate-event-id": '{"type": "no.such.event", "event_id": "\\ud800"}',
     "surrogate-format-key": '{"type": "session.update", "session": {"audio": {"input": {"format": {"\\udc00": 1}}}}}',
     "blank-text-append": '{"type": "vita.text.append", "text": " \\n\\t"}',
+    "separator-text-append": '{"type": "vita.text.append", "text": "\\u001f\\u001c"}',  # blank to str.strip only
     "surrogate-text-append": '{"type": "vita.text.append", "text": "hi \\ud800"}',
     "surrogate-instructions": '{"type": "session.update", "session": {"instructions": "be \\udfff brief"}}',
     "surrogate-item-text": '{"type": "conversation.item.create", "item": {"type": "message", "role": "user", '

@@ -203,7 +203,7 @@ async def _converse(
     sender = _send(rt, chunks, progress, pace=not args.fast, from_file=audio is not None)
     try:
         await asyncio.wait_for(_until_answered(_consume(rt, printer, progress), sender), args.timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         printer.end()
         return _fail(f"no answer within {args.timeout:g} s (--timeout)")
     except TalkFailed as exc:
@@ -340,7 +340,7 @@ class Progress:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return condition()
         return True
 

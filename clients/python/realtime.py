@@ -234,7 +234,8 @@ class RealtimeClient:
         """The next event, or None on a normal close; abnormal closes raise the matching RealtimeError."""
         while True:
             try:
-                raw = await asyncio.wait_for(self._ws.recv(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel on 3.11
+                    raw = await self._ws.recv()
             except ConnectionClosedOK:
                 return None
             except ConnectionClosed as exc:
@@ -374,7 +375,7 @@ async def _open(url: str, headers: dict[str, str], timeout: float) -> ClientConn
                             "is the URL that of a vita-duplex server?") from None
     except InvalidURI as exc:
         raise ConnectFailed(str(exc)) from None
-    except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
+    except (TimeoutError, OSError, InvalidHandshake) as exc:
         raise ConnectFailed(str(exc) or type(exc).__name__) from None
 
 

@@ -393,13 +393,13 @@ async def _realtime(base: str, api_key: str | None, timeout: float, audio: np.nd
     seen = _Seen(at={})
     try:
         ws = await _connect(url, api_key, timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         raise CheckFailed(f"could not connect to {url}: {_reason(exc)}") from None
     except websockets.exceptions.InvalidHandshake as exc:
         raise CheckFailed(f"websocket handshake with {url} failed: {exc}") from None
     try:
         await asyncio.wait_for(_round_trip(ws, audio, seen, started), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         missing = [k for k in ("speech_started", "speech_stopped", "response.done") if k not in seen.at]
         hint = " (the server's VAD heard no speech)" if "speech_started" in missing else ""
         raise CheckFailed(f"no {', '.join(missing)} within {timeout:g} s{hint}") from None
