@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import logging
 
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from duplex import vad_graph
 from duplex.vad import (
     CONTEXT,
     WINDOW,
@@ -16,6 +21,7 @@ from duplex.vad import (
     VadEvent,
     VadParams,
     VadStream,
+    default_model_path,
 )
 from tests.speech import compose, espeak_speech, load_beckett
 
@@ -30,7 +36,12 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def model() -> SileroModel:
-    return SileroModel()
+    return SileroModel()  # the batched graph (test_rewrite_is_used checks it did not fall back)
+
+
+@pytest.fixture(scope="module")
+def stock() -> SileroModel:
+    return SileroModel(graph="stock")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +101,138 @@ def test_batched_equals_per_stream(model: SileroModel, beckett: np.ndarray) -> N
             p, single_states[i] = model.run_batch(windows[i : i + 1], single_states[i])
             np.testing.assert_allclose(probs[i], p[0], atol=1e-6)
             np.testing.assert_allclose(batch_state[:, i], single_states[i][:, 0], atol=1e-6)
+
+
+# --- the rewritten (batched) graph ---------------------------------------------------------------
+
+
+def subgraphs(graph: onnx.GraphProto):
+    """``graph`` and every graph nested in it (the If branches)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == attr.GRAPH:
+                yield from subgraphs(attr.g)
+
+
+def all_nodes(graph: onnx.GraphProto):
+    return [node for g in subgraphs(graph) for node in g.node]
+
+
+def test_rewrite_is_used(model: SileroModel, stock: SileroModel) -> None:
+    assert model.graph == "batched" and stock.graph == "stock"
+    rewritten = onnx.load_from_string(vad_graph.batched_graph(default_model_path()))
+    original = onnx.load(default_model_path())
+    ops = [n.op_type for n in all_nodes(rewritten.graph)]
+    assert "Conv" not in ops and "MatMul" in ops
+    assert "Conv" in [n.op_type for n in all_nodes(original.graph)]
+    assert list(rewritten.graph.input) == list(original.graph.input)
+    assert list(rewritten.graph.output) == list(original.graph.output)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_batched_graph_equals_stock(model: SileroModel, stock: SileroModel, beckett, batch: int) -> None:
+    # Real speech, LSTM state carried through 150 windows (4.8 s), each stream at its own offset.
+    assert model.graph == "batched"
+    steps = 150
+    span = beckett.size - steps * WINDOW - CONTEXT
+    starts = [i * 7_919 % span for i in range(batch)]
+    state_new = state_ref = np.zeros((2, batch, 128), np.float32)
+    speech = 0
+    for step in range(steps):
+        windows = np.stack(
+            [beckett[s + step * WINDOW : s + step * WINDOW + CONTEXT + WINDOW] for s in starts]
+        )
+        p_new, state_new = model.run_batch(windows, state_new)
+        p_ref, state_ref = stock.run_batch(windows, state_ref)
+        np.testing.assert_allclose(p_new, p_ref, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(state_new, state_ref, rtol=1e-5, atol=1e-4)
+        speech += int((p_ref > 0.5).sum())
+    assert speech > steps * batch // 10  # the comparison covered speech, not only silence
+
+
+def test_bank_events_same_with_either_graph(
+    model: SileroModel, stock: SileroModel, dialogue, beckett
+) -> None:
+    assert model.graph == "batched"
+    audio = np.concatenate([dialogue[0], beckett])
+    streams = [np.roll(audio, -offset) for offset in (0, 40_000, 123_457, 200_003, 311_111)]
+    results = []
+    for m in (model, stock):
+        bank = VadBank(m, max_batch=3)
+        events: dict[int, list[VadEvent]] = {i: [] for i in range(len(streams))}
+        for i in events:
+            bank.add_stream(i, VadParams(silence_duration_ms=300 + 100 * i))
+        for pos in range(0, audio.size, 1_600):
+            for i, stream_audio in enumerate(streams):
+                bank.push(i, stream_audio[pos : pos + 1_600])
+            for sid, ev in bank.process():
+                events[int(sid)].append(ev)
+        for i in events:
+            events[i] += bank.flush(i)
+        results.append(events)
+    batched, reference = results
+    assert sum(len(segments(e)) for e in reference.values()) >= 5 * 8
+    for i in reference:
+        assert_same_events(batched[i], reference[i])
+
+
+def conv_weight_behind_identity(tmp_path) -> str:
+    """The stock graph with one Conv's kernel passed through an Identity node: the same model, but the
+    rewriter only takes constant kernels, so it must refuse it."""
+    model = onnx.load(default_model_path())
+    holder = next(g for g in subgraphs(model.graph) if any(n.op_type == "Conv" for n in g.node))
+    index, conv = next((i, n) for i, n in enumerate(holder.node) if n.op_type == "Conv")
+    hidden = conv.input[1] + "/hidden"
+    holder.node.insert(index, onnx.helper.make_node("Identity", [conv.input[1]], [hidden]))
+    conv.input[1] = hidden
+    path = tmp_path / "silero_identity.onnx"
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_unhandled_graph_falls_back_to_stock(tmp_path, caplog, beckett) -> None:
+    path = conv_weight_behind_identity(tmp_path)
+    with pytest.raises(vad_graph.GraphRewriteError, match="constant"):
+        vad_graph.batched_graph(path)
+    with caplog.at_level(logging.WARNING, logger="duplex.vad"):
+        fallback = SileroModel(path)
+    assert fallback.graph == "stock"
+    assert "rewrite failed" in caplog.text
+    windows = np.stack([beckett[i * 8_000 : i * 8_000 + CONTEXT + WINDOW] for i in range(4)])
+    state = np.zeros((2, 4, 128), np.float32)
+    probs, _ = fallback.run_batch(windows, state)
+    np.testing.assert_array_equal(probs, SileroModel(graph="stock").run_batch(windows, state)[0])
+
+
+def perturbed_rewrite(stock: object, rewrite=vad_graph.batched_graph) -> bytes:
+    """The rewrite with its first MatMul kernel scaled by 1.05: valid, but a different model."""
+    graph = onnx.load_from_string(rewrite(stock))
+    nodes = list(all_nodes(graph.graph))
+    matmul = next(n for n in nodes if n.op_type == "MatMul")
+    const = next(n for n in nodes if n.op_type == "Constant" and n.output[0] == matmul.input[1])
+    value = numpy_helper.to_array(const.attribute[0].t) * np.float32(1.05)
+    const.attribute[0].t.CopyFrom(numpy_helper.from_array(value, const.output[0]))
+    return graph.SerializeToString()
+
+
+def test_wrong_rewrite_is_caught(monkeypatch, caplog, stock: SileroModel) -> None:
+    from duplex.vad import _session
+
+    wrong = _session(perturbed_rewrite(default_model_path()))
+    with pytest.raises(vad_graph.GraphRewriteError, match="differs"):
+        vad_graph.check_equivalent(wrong, stock._session)
+    right = _session(vad_graph.batched_graph(default_model_path()))
+    assert vad_graph.check_equivalent(right, stock._session) < 1e-4
+    monkeypatch.setattr(vad_graph, "batched_graph", perturbed_rewrite)
+    with caplog.at_level(logging.WARNING, logger="duplex.vad"):
+        assert SileroModel().graph == "stock"
+    assert "differs from the stock graph" in caplog.text
+
+
+def test_graph_argument() -> None:
+    with pytest.raises(ValueError):
+        SileroModel(graph="fast")  # type: ignore[arg-type]
 
 
 # --- segmentation vs ground truth -----------------------------------------------------------------
