@@ -42,6 +42,7 @@ from vllm.multimodal.processing import (
 from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.sequence import IntermediateTensors
 
+from . import feature_cache
 from .audio_features import SAMPLE_RATE, AudioFeatureExtractor, audio_token_count
 from .config import VitaConfig
 from .encoders import embed_audios, embed_images, make_audio_tower, make_vision_tower
@@ -142,7 +143,8 @@ class VitaMultiModalProcessor(BaseMultiModalProcessor[VitaProcessingInfo]):
             out["image_num_patches"] = torch.tensor([t.shape[0] for t in tiles])
         audios = list(hf_data.get("audio") or [])
         if audios:
-            feats = [self.info.feature_extractor(np.asarray(a, dtype=np.float32)) for a in audios]
+            extractor = self.info.feature_extractor
+            feats = [feature_cache.shared.features(extractor, np.asarray(a, dtype=np.float32)) for a in audios]
             out["audio_features"] = torch.from_numpy(np.concatenate(feats))
             out["audio_feature_lengths"] = torch.tensor([f.shape[0] for f in feats])
         return BatchFeature(out)

@@ -449,3 +449,25 @@ def test_frames_to_pixel_values() -> None:
     np.testing.assert_allclose(pixels[1, 2], -IMAGENET_MEAN[2] / IMAGENET_STD[2], atol=1e-5)
     with pytest.raises(InvalidVideoError):
         frames_to_pixel_values([])
+
+
+def test_feature_cache_returns_the_extractors_features_once_per_clip_and_stays_bounded() -> None:
+    from models.feature_cache import FeatureCache
+
+    rng = np.random.default_rng(7)
+    extractor = AudioFeatureExtractor(rng.normal(size=80), rng.uniform(0.5, 2.0, size=80))
+    other = AudioFeatureExtractor(rng.normal(size=80), rng.uniform(0.5, 2.0, size=80))
+    clips = [rng.normal(0, 0.1, 16000).astype(np.float32) for _ in range(3)]
+    cache = FeatureCache(max_bytes=2 * extractor(clips[0]).nbytes)  # room for two clips' features
+    first = cache.features(extractor, clips[0])
+    np.testing.assert_array_equal(first, extractor(clips[0]))
+    assert cache.features(extractor, clips[0].copy()) is first  # same samples, another array: a hit
+    assert (cache.hits, cache.misses) == (1, 1)
+    # Another extractor (other CMVN) on the same samples is another entry with its own features.
+    np.testing.assert_array_equal(cache.features(other, clips[0]), other(clips[0]))
+    assert cache.misses == 2
+    cache.features(extractor, clips[1])  # a third entry evicts the least recently used
+    assert len(cache) == 2
+    assert cache.features(extractor, clips[0]) is not first
+    with pytest.raises(ValueError):
+        first[0, 0] = 1.0  # shared between requests: read-only
