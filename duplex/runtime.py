@@ -72,12 +72,20 @@ class Engine(Protocol):
 
 class VadHub:
     """One silero model and one `VadBank` shared by all sessions: whoever pushes audio runs a batched
-    ONNX call over every stream with a window ready, so hundreds of sessions share a core."""
+    ONNX call over every stream with a window ready, so hundreds of sessions share a core.
 
-    def __init__(self, model: SileroModel | None = None) -> None:
+    With few streams the call runs on the next event-loop turn (no added latency). From
+    ``coalesce_from`` streams on, pushes are gathered for ``coalesce_s`` first: sessions push at
+    different moments, so one loop turn holds only a few windows, and a batch of one costs as much
+    as a batch of dozens (the batched graph pays off from ~16 rows; bench/vad_streams.py)."""
+
+    def __init__(self, model: SileroModel | None = None, coalesce_from: int = 16,
+                 coalesce_s: float = 0.010) -> None:
         self._bank = VadBank(model or SileroModel())
         self._sinks: dict[Hashable, Callable[[VadEvent], None]] = {}
         self._scheduled = False
+        self.coalesce_from = coalesce_from
+        self.coalesce_s = coalesce_s
 
     def add(self, stream_id: Hashable, params: VadParams, sink: Callable[[VadEvent], None]) -> None:
         self._bank.add_stream(stream_id, params)
@@ -101,7 +109,10 @@ class VadHub:
             self._process()
             return
         self._scheduled = True
-        loop.call_soon(self._process)
+        if len(self._sinks) >= self.coalesce_from:
+            loop.call_later(self.coalesce_s, self._process)
+        else:
+            loop.call_soon(self._process)
 
     def _process(self) -> None:
         self._scheduled = False

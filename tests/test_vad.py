@@ -391,3 +391,37 @@ def test_bank_stream_management(model: SileroModel) -> None:
     assert all(bank.stream(sid).processed == 3 * WINDOW for sid in range(5))
     bank.remove_stream(3)
     assert 3 not in bank and len(bank) == 4
+
+
+class _CountingModel:
+    """The real model, recording how many rows each ONNX call scored."""
+
+    def __init__(self, inner: SileroModel) -> None:
+        self.inner, self.batches = inner, []
+
+    def run_batch(self, windows, states):
+        self.batches.append(windows.shape[0])
+        return self.inner.run_batch(windows, states)
+
+
+@pytest.mark.parametrize("streams, coalesced", [(4, False), (24, True)])
+async def test_hub_gathers_pushes_made_at_different_moments_into_one_call(
+    model: SileroModel, beckett: np.ndarray, streams: int, coalesced: bool
+) -> None:
+    import asyncio
+
+    from duplex.runtime import VadHub
+
+    counting = _CountingModel(model)
+    hub = VadHub(counting, coalesce_from=16, coalesce_s=0.02)
+    for i in range(streams):
+        hub.add(i, VadParams(), lambda event: None)
+    for i in range(streams):  # one window each, every push in its own event-loop turn
+        hub.push(i, beckett[i * 512 : (i + 1) * 512])
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
+    assert sum(counting.batches) == streams  # every window scored exactly once
+    if coalesced:
+        assert counting.batches == [streams], counting.batches
+    else:
+        assert counting.batches == [1] * streams, counting.batches  # few streams: no added latency
