@@ -151,7 +151,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         status = "shutting_down" if state.shutting_down else "failed" if state.startup_error else (
             "restarting" if state.pool.engines else "loading"
         )
-        body = {"status": status, "error": state.startup_error}
+        # /ready is open to anyone who can reach the port: name the failure, keep its text (paths,
+        # devices) for the log and for key-holders (chat's 503 detail).
+        error = state.startup_error and f"{state.startup_error.split(':', 1)[0]}; see the server log"
+        body = {"status": status, "error": error}
         return JSONResponse(body, status_code=503)
 
     @app.get("/metrics")

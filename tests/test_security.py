@@ -251,6 +251,7 @@ def test_failed_engine_start_is_reported_by_ready(inproc) -> None:  # type: igno
     ready = inproc.get("/ready")
     assert ready.status_code == 503
     assert ready.json()["status"] == "failed" and ready.json()["error"]
+    assert "nonexistent" not in ready.text  # no paths to whoever can reach the port
     assert inproc.get("/health").status_code == 200  # the process itself is fine
     chat = inproc.post("/v1/chat/completions", headers={"Authorization": f"Bearer {INPROC_KEY}"}, json=_chat("hi"))
     assert chat.status_code == 503 and chat.json()["error"]["code"] == "engines_not_ready"
