@@ -79,6 +79,9 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 OUTPUT_RATE = 24000  # the session runtime's output rate; converted to the wire format here
+# Instructions go into every prompt: tokenized each turn and held in the KV cache. 32k characters is far
+# past any real system prompt and still bounds what one client can make every turn cost.
+MAX_INSTRUCTIONS_CHARS = 32_768
 
 
 @router.websocket("/v1/realtime")
@@ -314,6 +317,8 @@ class RealtimeConnection:
 
     def _on_session_update(self, event: SessionUpdate) -> None:
         cfg = event.session
+        if cfg.instructions is not None:
+            _check_instructions(cfg.instructions, "session.instructions", event.event_id)
         try:
             fmt_in = cfg.input_audio_format or (cfg.audio and cfg.audio.input and cfg.audio.input.format)
             fmt_out = cfg.output_audio_format or (cfg.audio and cfg.audio.output and cfg.audio.output.format)
@@ -403,7 +408,9 @@ class RealtimeConnection:
         item = event.item
         if item.role == "system":
             texts = [p.text for p in item.content if p.text]
-            self.instructions = "\n".join(filter(None, [self.instructions, *texts]))
+            instructions = "\n".join(filter(None, [self.instructions, *texts]))
+            _check_instructions(instructions, "item.content", event.event_id)
+            self.instructions = instructions
             self.session.feed(SessionUpdated(instructions=self.instructions))
         elif item.role != "user":
             raise ProtocolError("unsupported_item", "only user and system messages can be added; VITA's "
@@ -659,3 +666,8 @@ class RealtimeConnection:
             max_speech_ms=s.max_buffered_audio_s * 1000,
         )
 
+
+def _check_instructions(text: str, param: str, event_id: str | None) -> None:
+    if len(text) > MAX_INSTRUCTIONS_CHARS:
+        raise ProtocolError("instructions_too_long", f"instructions would be {len(text)} characters; the "
+                            f"limit is {MAX_INSTRUCTIONS_CHARS} (system items add to them)", param, event_id)

@@ -70,6 +70,7 @@ KNOWN_CODES = {
     "binary_not_supported", "event_too_large", "invalid_audio_format", "audio_output_unavailable",
     "unsupported_turn_detection", "invalid_audio", "input_audio_buffer_full", "input_audio_buffer_commit_empty",
     "unsupported_item", "invalid_content", "invalid_image", "item_not_found", "item_delete_unsupported",
+    "instructions_too_long",
     "conversation_already_has_active_response", "response_create_without_input", "response_cancel_not_active",
     "truncate_unknown_response", "engine_error",
 }

@@ -123,6 +123,7 @@ async def _until(ws, kind: str, timeout: float = 30.0) -> list[dict]:
         ('{"type": "vita.frame.append", "image": "' + base64.b64encode(b"not an image").decode() + '"}', "invalid_image"),
         ('{"type": "vita.frame.append", "image": "file:///etc/passwd"}', "invalid_image"),
         ('{"type": "response.cancel"}', "response_cancel_not_active"),
+        ('{"type": "session.update", "session": {"instructions": "' + "x" * 40_000 + '"}}', "instructions_too_long"),
     ],
 )
 async def test_malformed_events_get_an_error_and_the_session_survives(server_url: str, payload: str, code: str) -> None:
@@ -141,6 +142,25 @@ async def test_malformed_events_get_an_error_and_the_session_survives(server_url
         events = await _until(ws, "response.done")
         assert events[-1]["response"]["status"] == "incomplete"
         assert any(e["type"] == "response.output_text.delta" for e in events)
+    finally:
+        await ws.close()
+
+
+async def test_system_items_cannot_grow_the_instructions_without_bound(server_url: str) -> None:
+    ws = await _raw(server_url, additional_headers={"Authorization": f"Bearer {API_KEY}"})
+    try:
+        await _next_json(ws)
+        for n in range(3):  # each adds 12 000 characters; the third would pass the 32 768 limit
+            await ws.send(json.dumps({"type": "conversation.item.create", "event_id": f"sys{n}", "item": {
+                "type": "message", "role": "system", "content": [{"type": "input_text", "text": str(n) * 12_000}]}}))
+            reply = await _next_json(ws)
+            if n < 2:
+                assert reply["type"] == "conversation.item.added", reply
+        assert reply["type"] == "error" and reply["error"]["code"] == "instructions_too_long", reply
+        assert reply["error"]["event_id"] == "sys2"
+        await ws.send(json.dumps({"type": "session.update", "session": {}}))
+        updated = await _until(ws, "session.updated")
+        assert updated[-1]["session"]["instructions"] == "0" * 12_000 + "\n" + "1" * 12_000  # the refused one left no trace
     finally:
         await ws.close()
 
