@@ -49,8 +49,10 @@ class EngineSettings:
     limit_images: int = 16
     limit_audios: int = 4
     enable_prefix_caching: bool = True
-    # Processed-media cache. Live turns are always new audio, so vLLM's 4 GiB default only grows RSS.
-    mm_cache_gb: float = 0.25
+    # vLLM's processed-media cache (its default: 4 GiB per engine, held twice: front end and engine
+    # core). Live turns are always new audio, history keeps no images, and the history audio that
+    # does come back is served to both engines by `models.feature_cache`: off by default.
+    mm_cache_gb: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(chat_router)
     app.include_router(realtime_router)
     app.include_router(web_router)
+    _document_bodies(app)
     return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    from .chat import document_request_body
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document_request_body(generate())  # generate() caches its result in app.openapi_schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class GuardMiddleware:

@@ -722,6 +722,17 @@ def _fail(state: AppState, error: RequestError) -> JSONResponse:
     return error.response()
 
 
+def document_request_body(openapi: dict[str, Any]) -> None:
+    """Declare ChatRequest as the chat body in the OpenAPI schema. The route reads the body by hand (so
+    bad JSON gets an OpenAI-style error, not FastAPI's), and FastAPI documents only what it parses."""
+    schema = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    openapi.setdefault("components", {}).setdefault("schemas", {}).update({**defs, "ChatRequest": schema})
+    openapi["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {
+        "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}},
+    }
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     state: AppState = request.app.state.vita
