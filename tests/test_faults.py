@@ -199,6 +199,21 @@ async def test_killed_engine_is_reported_and_restarted(fault_server: ServerProce
     await fresh.close()
 
 
+async def test_sigusr1_logs_what_every_task_waits_on_and_changes_nothing(fault_server: ServerProcess) -> None:
+    ws = await _connect(fault_server.url)
+    os.kill(fault_server.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    # The session's reader task, named "read", is parked in its receive: its stack says so.
+    while "task read:\nStack for <Task pending name='read'" not in fault_server.log():
+        assert time.monotonic() < deadline, "no task stacks logged after SIGUSR1"
+        await asyncio.sleep(0.1)
+    assert "in _read" in fault_server.log()
+    assert fault_server.proc.poll() is None
+    await _ask_text(ws, "Still there?")  # the session is untouched
+    assert (await _until(ws, "response.done", timeout=60))[-1]["response"]["status"] in ("completed", "incomplete")
+    await ws.close()
+
+
 async def test_sigterm_closes_sessions_with_a_reason_and_stops_cleanly(
     served_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
