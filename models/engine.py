@@ -46,6 +46,11 @@ class EngineSettings:
     # CPU placement
     kv_cache_bytes: int | None = None  # required on CPU: vLLM otherwise takes most of the RAM
     cpu_cores: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0" or "0-3"
+    # oneDNN keeps a compiled kernel per matmul shape, 1024 by default; every prompt length is a new
+    # shape, so a CPU worker grows by ~250 MiB until that cache is full. 64 keeps the decode shapes
+    # (one per batch size and weight shape) and bounds the rest. An ONEDNN_PRIMITIVE_CACHE_CAPACITY
+    # set in the environment wins; None leaves oneDNN's default.
+    onednn_cache_capacity: int | None = 64
     limit_images: int = 16
     limit_audios: int = 4
     enable_prefix_caching: bool = True
@@ -210,6 +215,10 @@ def _placement_env(settings: EngineSettings) -> Iterator[None]:
         "CUDA_VISIBLE_DEVICES": settings.device_ids,
         "VLLM_CPU_OMP_THREADS_BIND": settings.cpu_cores,
         "HF_HUB_OFFLINE": "1",  # weights come from the model directory, never from a hub
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": os.environ.get(
+            "ONEDNN_PRIMITIVE_CACHE_CAPACITY",
+            None if settings.onednn_cache_capacity is None else str(settings.onednn_cache_capacity),
+        ),
     }
     saved = {k: os.environ.get(k) for k in values}
     try:

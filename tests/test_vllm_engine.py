@@ -123,3 +123,19 @@ async def test_bad_media_are_rejected_before_the_engine(engines) -> None:
     buf = io.BytesIO()
     _image().save(buf, format="PNG")
     assert decode_image(buf.getvalue()).size == (600, 300)
+
+
+def test_placement_bounds_onednn_kernel_cache_unless_the_environment_says(monkeypatch) -> None:
+    import os
+
+    from models.engine import EngineSettings, _placement_env
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    with _placement_env(EngineSettings(model="m")):
+        assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"  # what the engine's workers inherit
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ  # restored after the start
+    with _placement_env(EngineSettings(model="m", onednn_cache_capacity=None)):
+        assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    with _placement_env(EngineSettings(model="m")):
+        assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
