@@ -202,7 +202,8 @@ class DuplexSession:
         session_id: str = "s",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.settings = settings or RuntimeSettings()
+        # A shallow copy: set_vad_params / set_max_tokens replace fields of this session's settings only.
+        self.settings = replace(settings) if settings is not None else RuntimeSettings()
         self.session_id = session_id
         # The caller's list itself, not a copy: an engine the server restarts replaces its slot.
         self._engines = engines
@@ -256,6 +257,12 @@ class DuplexSession:
 
     def push_frame(self, frame: Any) -> None:
         self._feed(FrameCaptured(frame, self._samples_in))
+
+    def set_max_tokens(self, max_tokens: int) -> None:
+        """Token budget of answers started from now on."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1; got {max_tokens}")
+        self.settings.sampling = replace(self.settings.sampling, max_tokens=max_tokens)
 
     def send_text(self, text: str) -> None:
         self._feed(TextInput(text))

@@ -74,8 +74,8 @@ class SessionConfig(BaseModel):
     output_audio_format: str | dict[str, Any] | None = None  # beta
     turn_detection: TurnDetection | None = None  # beta
     voice: str | None = None  # beta
-    max_output_tokens: int | Literal["inf"] | None = None
-    max_response_output_tokens: int | Literal["inf"] | None = None  # beta
+    max_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None
+    max_response_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None  # beta
 
     def turn_detection_given(self) -> tuple[bool, TurnDetection | None]:
         """Whether the update mentions turn detection at all (null means: manual turns)."""

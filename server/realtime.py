@@ -147,6 +147,7 @@ class RealtimeConnection:
         self.fmt_out = AudioFormat()
         self.to_16k = StreamResampler(self.fmt_in.rate, 16000)
         self.instructions: str | None = None
+        self.max_output_tokens = self.state.settings.max_tokens
         self.voice = "vita"
         self.tts_factory = self.state.tts_factory
         speaks = not isinstance(self.tts_factory(), TextOnlyTTS)
@@ -360,6 +361,13 @@ class RealtimeConnection:
         if cfg.instructions is not None:
             self.instructions = cfg.instructions
             update["instructions"] = cfg.instructions
+        budget = cfg.max_output_tokens if cfg.max_output_tokens is not None else cfg.max_response_output_tokens
+        if budget is not None:
+            # The server's max_tokens is the ceiling ("inf" means it): one session must not hold an
+            # engine for as long as it likes.
+            ceiling = self.state.settings.max_tokens
+            self.max_output_tokens = ceiling if budget == "inf" else min(budget, ceiling)
+            self.session.set_max_tokens(self.max_output_tokens)
         self.session.feed(SessionUpdated(**update))
         self._send(self._session_event("session.updated"))
 
@@ -640,7 +648,7 @@ class RealtimeConnection:
         return {"type": kind, "session": {
             "type": "realtime", "id": self.session_id, "object": "realtime.session",
             "model": self.state.pool.model_id, "instructions": self.instructions or "",
-            "output_modalities": self.modalities,
+            "output_modalities": self.modalities, "max_output_tokens": self.max_output_tokens,
             "audio": {
                 "input": {"format": self.fmt_in.to_ga(), "turn_detection": detection},
                 "output": {"format": self.fmt_out.to_ga(), "voice": self.voice},

@@ -146,6 +146,31 @@ async def test_malformed_events_get_an_error_and_the_session_survives(server_url
         await ws.close()
 
 
+async def test_max_output_tokens_is_honoured_and_capped_by_the_server(server_url: str) -> None:
+    ws = await _raw(server_url, additional_headers={"Authorization": f"Bearer {API_KEY}"})
+    try:
+        created = await _next_json(ws)
+        assert created["session"]["max_output_tokens"] == 48  # the test server's VITA_MAX_TOKENS
+        await ws.send(json.dumps({"type": "session.update", "session": {
+            "output_modalities": ["text"], "max_output_tokens": 4}}))
+        assert (await _until(ws, "session.updated"))[-1]["session"]["max_output_tokens"] == 4
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Count to one thousand."}]}}))
+        await ws.send(json.dumps({"type": "response.create"}))
+        events = await _until(ws, "response.done")
+        deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+        assert 1 <= len(deltas) <= 4, len(deltas)  # the state token counts too: at most 4 visible tokens
+        assert events[-1]["response"]["status_details"]["reason"] == "max_output_tokens"
+        for asked in ("inf", 10**6):  # above the server's ceiling: the ceiling
+            await ws.send(json.dumps({"type": "session.update", "session": {"max_output_tokens": asked}}))
+            assert (await _until(ws, "session.updated"))[-1]["session"]["max_output_tokens"] == 48
+        await ws.send(json.dumps({"type": "session.update", "session": {"max_output_tokens": 0}}))
+        error = await _next_json(ws)
+        assert error["type"] == "error" and error["error"]["code"] == "invalid_value", error
+    finally:
+        await ws.close()
+
+
 async def test_system_items_cannot_grow_the_instructions_without_bound(server_url: str) -> None:
     ws = await _raw(server_url, additional_headers={"Authorization": f"Bearer {API_KEY}"})
     try:
