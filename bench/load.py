@@ -45,7 +45,6 @@ import base64
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +58,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import free_port, http_ok, pct  # bench/common.py
+from common import ServeProcess, pct  # bench/common.py
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -271,29 +270,11 @@ async def loop_lag(samples: list[float], stop: asyncio.Event) -> None:
 # --- the server ---------------------------------------------------------------------------------
 
 
-class Server:
+class Server(ServeProcess):
     def __init__(self, model: Path, sessions: int, max_tokens: int, log_path: Path) -> None:
-        self.port = free_port()
-        self.cmd = [str(ROOT / ".venv/bin/vita-duplex"), "serve", "--model", str(model), "--device", "cpu",
-                    "--kv-cache-mib", "64", "--tts", "none", "--port", str(self.port)]
-        self.env_extra = {"VITA_MAX_SESSIONS": str(max(256, sessions)), "VITA_MAX_TOKENS": str(max_tokens),
-                          "VITA_LOG_LEVEL": "WARNING"}
-        self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **self.env_extra}, cwd=ROOT)
+        super().__init__(model, log_path, {"VITA_MAX_SESSIONS": str(max(256, sessions)),
+                                           "VITA_MAX_TOKENS": str(max_tokens), "VITA_LOG_LEVEL": "WARNING"})
         self.ps = psutil.Process(self.proc.pid)
-
-    async def wait_ready(self, timeout: float = 400.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-3000:]}")
-            if await asyncio.to_thread(http_ok, f"http://127.0.0.1:{self.port}/ready"):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready")
-            await asyncio.sleep(0.5)
 
     def tree(self) -> list[psutil.Process]:
         return [self.ps, *self.ps.children(recursive=True)]
@@ -345,13 +326,6 @@ class Server:
                     kids += t.user + t.system
         return main, kids
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 async def warm_up(url: str, events: list[str]) -> None:

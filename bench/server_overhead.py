@@ -49,7 +49,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +60,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import free_port, http_ok, pct  # bench/common.py
+from common import ServeProcess, pct  # bench/common.py
 from websockets.asyncio.client import connect
 
 from duplex.events import TurnPrompt
@@ -113,30 +112,10 @@ def segment_of(pcm: np.ndarray, params: VadParams, model: SileroModel) -> tuple[
     raise RuntimeError("VAD found no complete segment in the trial clip")
 
 
-class Server:
+class Server(ServeProcess):
     def __init__(self, model: Path, log_dir: Path, max_tokens: int) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [
-            str(ROOT / ".venv/bin/vita-duplex"), "serve", "--model", str(model), "--device", "cpu",
-            "--kv-cache-mib", "64", "--tts", "none", "--port", str(self.port),
-        ]
-        self.env_extra = {"VITA_MAX_TOKENS": str(max_tokens), "VITA_LOG_LEVEL": "WARNING"}
-        self.log_path = log_dir / f"server_overhead.{self.port}.log"
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **self.env_extra}, cwd=ROOT)
-
-    async def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-3000:]}")
-            if await asyncio.to_thread(http_ok, self.url + "/ready"):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready")
-            await asyncio.sleep(0.5)
+        log_path = log_dir / f"server_overhead.{os.getpid()}.log"
+        super().__init__(model, log_path, {"VITA_MAX_TOKENS": str(max_tokens), "VITA_LOG_LEVEL": "WARNING"})
 
     def ttft_histogram(self) -> tuple[float, float]:
         """(sum seconds, count) of the server's own speech_stopped -> first text delta histogram."""
@@ -146,13 +125,6 @@ class Server:
         count = float(re.search(r"^vita_time_to_first_token_seconds_count (\S+)", text, re.MULTILINE).group(1))
         return total, count
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 async def full_path(ws_url: str, pcm: np.ndarray, last_chunk: int) -> dict:
