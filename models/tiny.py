@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +26,7 @@ from .prompts import SYSTEM_PROMPTS
 
 TINY_VOCAB = 512  # embedding rows; the tokenizer uses fewer, placeholders take the last two
 ForcedToken = Literal["query", "noise", "text"]
+TinyFormat = Literal["vita", "training", "port"]
 
 _CORPUS = [
     *SYSTEM_PROMPTS.values(),
@@ -126,11 +128,18 @@ def tiny_config(layout: Layout, tokenizer_dir: Path) -> VitaConfig:
 
 def random_weights(config: VitaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random tensors for every published name. Fan-in scaling keeps activations O(1) so logits differ
-    clearly between inputs (a test that the multimodal splice matters needs that)."""
+    clearly between inputs (a test that the multimodal splice matters needs that). The CMVN buffers hold
+    the same statistics as `feature_extractor_config(seed)`, as a real checkpoint's buffers and its
+    feature-extractor file agree."""
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for name, shape in checkpoint_shapes(config).items():
         out[name] = _init(name, shape, gen)
+    cmvn = feature_extractor_config(seed)
+    for key, buffer in (("cmvn_means", "mean"), ("cmvn_istds", "istd")):
+        name = f"model.audio_encoder.encoder.global_cmvn.{buffer}"
+        if name in out:
+            out[name] = torch.tensor(cmvn[key], dtype=torch.float32)
     return out
 
 
@@ -215,10 +224,17 @@ def build_tiny(
     seed: int = 0,
     force: ForcedToken | None = None,
     never_stop: bool = False,
+    config_format: TinyFormat = "vita",
+    vision_tower: str | None = None,
+    audio_encoder: str | None = None,
 ) -> Path:
     """Write a complete tiny checkpoint to `out_dir` and return it.
 
-    `never_stop` bans EOS, so every answer runs to max_tokens (long, predictable answers for tests)."""
+    `never_stop` bans EOS, so every answer runs to max_tokens (long, predictable answers for tests).
+    `config_format` writes the same tensors under another published config format (see
+    `models.checkpoint`): "training" also writes the two tower repos beside `out_dir`
+    (`<name>-InternViT/`, `<name>-AudioEnc/`) and names them in `mm_vision_tower`/`mm_audio_encoder`,
+    unless `vision_tower`/`audio_encoder` give other locations (hub ids, say)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(layout, out)
@@ -240,4 +256,135 @@ def build_tiny(
         json.dumps(feature_extractor_config(seed), indent=1)
     )
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": config.eos_token_id}))
+    if config_format == "training":
+        vision_dir, audio_dir = write_tiny_towers(config, out.parent / f"{out.name}-InternViT",
+                                                  out.parent / f"{out.name}-AudioEnc", seed)
+        raw = training_config(config, vision_tower or str(vision_dir.resolve()),
+                              audio_encoder or str(audio_dir.resolve()))
+        (out / "config.json").write_text(json.dumps(raw, indent=1))
+        shutil.rmtree(out / "feature_extractor")  # the model repos have none: CMVN is in the weights
+    elif config_format == "port":
+        (out / "config.json").write_text(json.dumps(port_config(config), indent=1))
+        extractor = {**feature_extractor_config(seed), **_PORT_EXTRACTOR_EXTRAS}
+        (out / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(extractor, indent=1))
     return out
+
+
+# --- the other published config formats (field sets as in VITA's public repository) ------------------------
+
+_PORT_EXTRACTOR_EXTRAS = {
+    "feature_extractor_type": "WhaleFeatureExtractor", "num_mel_bins": 80, "dither": 1.0, "cmvn_preload": True,
+    "do_ceptral_normalize": True, "normalize_means": True, "normalize_vars": True, "padding_side": "right",
+    "padding_value": 0.0, "return_attention_mask": True,
+    "auto_map": {"AutoFeatureExtractor": "processor_whale.WhaleFeatureExtractor"},  # never run: data only
+}
+_TEXT_META_KEYS = ("architectures", "model_type", "transformers_version", "_name_or_path")
+
+
+def _text_fields(config: VitaConfig) -> dict:
+    return {k: v for k, v in config.get_text_config().to_dict().items() if k not in _TEXT_META_KEYS}
+
+
+def _vision_fields(config: VitaConfig) -> dict:
+    v = config.vision_config
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+            "patch_size", "layer_norm_eps", "qkv_bias", "hidden_act")
+    return {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+            "norm_type": "layer_norm", "qk_normalization": False, **{k: getattr(v, k) for k in keys}}
+
+
+def training_config(config: VitaConfig, vision_tower: str, audio_encoder: str) -> dict:
+    """The model repos' config.json: the text model's own fields, flat, plus what VITA's training adds."""
+    model_type, arch = (("vita-Qwen2", "VITAQwen2ForCausalLM") if config.layout == "vita15"
+                        else ("vita-mixtral", "VITAMixtralForCausalLM"))
+    return {
+        "architectures": [arch], "model_type": model_type, **_text_fields(config),
+        "mm_vision_tower": vision_tower, "mm_audio_encoder": audio_encoder, "mm_projector_type": "mlp2x_gelu",
+        "mm_hidden_size": config.vision_config.hidden_size, "use_mm_proj": True,
+        "freeze_audio_encoder": True, "freeze_audio_encoder_adapter": False, "freeze_mm_mlp_adapter": False,
+        "tune_mm_mlp_adapter": False, "image_aspect_ratio": "square", "tokenizer_padding_side": "right",
+        "tokenizer_model_max_length": 6200, "transformers_version": "4.43.1",
+    }
+
+
+def port_config(config: VitaConfig) -> dict:
+    """VITA's vLLM port config.json: text/vision/audio sub-configs, and its 51000/51001 placeholder words."""
+    a = config.audio_config
+    multimodal, arch = (("qwen2_multimodal", "Qwen2ForConditionalGeneration") if config.layout == "vita15"
+                        else ("mixtral_multimodal", "MixtralForConditionalGeneration"))
+    text_arch = "Qwen2ForCausalLM" if config.layout == "vita15" else "MixtralForCausalLM"
+    text = _text_fields(config)
+    return {
+        "architectures": [arch], "model_type": multimodal, "image_token_index": 51000, "audio_token_index": 51001,
+        "auto_map": {"AutoConfig": f"configuration_{multimodal}.Config"},  # never run: data only
+        "text_config": {"architectures": [text_arch], "model_type": config.get_text_config().model_type, **text},
+        "vision_config": _vision_fields(config),
+        "audio_config": {
+            "architectures": ["WhaleAudioModel"], "model_type": "whale", "input_dim": a.input_dim,
+            "hidden_size": a.hidden_size, "num_hidden_layers": a.num_hidden_layers,
+            "num_attention_heads": a.num_attention_heads, "intermediate_size": a.intermediate_size,
+            "max_position_embeddings": a.max_position, "use_relative_pe": True, "normalize_before": True,
+            "hidden_act": "relu",
+        },
+        "downsample_ratio": config.downsample_ratio, "dynamic_image_size": True,
+        "max_dynamic_patch": config.max_dynamic_patch, "min_dynamic_patch": config.min_dynamic_patch,
+        "use_thumbnail": config.use_thumbnail, "vision_feature_layer": -1, "projector_hidden_act": "gelu",
+        "audio_projector_hidden_act": "gelu", "tokenizer_model_max_length": 4600,
+        "vocab_size": config.get_text_config().vocab_size,
+    }
+
+
+def train_yaml(config: VitaConfig) -> str:
+    """The audio encoder repo's `train.yaml`, in upstream's structure (whale `init_model`: `encoder_conf` with an
+    overview and one parameter block per component, the adapter in `model_conf`, the front end in
+    `dataset_conf`). Dynamic chunks, as the published encoder was trained with."""
+    import yaml
+
+    a = config.audio_config
+    h = a.hidden_size
+    doc = {
+        "input_dim": a.input_dim,
+        "is_json_cmvn": True,
+        "encoder_conf": {
+            "overview_conf": {"encoder-layer-config": "subsampling-transformer", "encoder-input-dim": a.input_dim,
+                              "encoder-output-dim": h},
+            "para_conf": {
+                "subsampling": {"subsampling-rate": 4, "subsampling-input-dim": a.input_dim,
+                                "subsampling-output-dim": h, "subsampling-dropout-rate": 0.1},
+                "transformer": {
+                    "transformer-input-dim": h, "transformer-output-dim": h, "transformer-attention-dim": h,
+                    "transformer-attention-heads": a.num_attention_heads,
+                    "transformer-linear-units": a.intermediate_size,
+                    "transformer-num-blocks": a.num_hidden_layers, "transformer-dropout-rate": 0.1,
+                    "transformer-attention-dropout-rate": 0.0, "transformer-positional-dropout-rate": 0.1,
+                    "transformer-input-layer": "linear", "transformer-pos-enc-class": "rel-enc",
+                    "transformer-normalize-before": True, "transformer-concat-after": False,
+                    "transformer-positionwise-layer-type": "linear", "transformer-chunk_size": -1,
+                    "transformer-left_chunks": -1, "transformer-dynamic-chunks": True,
+                },
+            },
+        },
+        "model_conf": {"adpter_type": "subsampling", "enc_out_dim": h,
+                       "llm_embed_dim": config.get_text_config().hidden_size,
+                       "kernel_size": a.adapter_kernel_size, "activation_func": "gelu", "norm": "layer"},
+        "dataset_conf": {"resample_conf": {"resample_rate": 16000},
+                         "fbank_conf": {"num_mel_bins": a.input_dim, "frame_length": 25, "frame_shift": 10,
+                                        "dither": 1.0}},
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def write_tiny_towers(config: VitaConfig, vision_dir: Path, audio_dir: Path, seed: int = 0) -> tuple[Path, Path]:
+    """The two tower repos a training config names: InternViT's config.json; the audio encoder's
+    `train.yaml` and WeNet `global_cmvn` (its `final.pt` weights are in the main checkpoint too)."""
+    vision_dir.mkdir(parents=True, exist_ok=True)
+    (vision_dir / "config.json").write_text(json.dumps(_vision_fields(config), indent=1))
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    (audio_dir / "train.yaml").write_text(train_yaml(config))
+    cmvn = feature_extractor_config(seed)
+    frames = 100000
+    means = np.asarray(cmvn["cmvn_means"], dtype=np.float64)
+    variances = 1.0 / np.asarray(cmvn["cmvn_istds"], dtype=np.float64) ** 2
+    wenet = {"mean_stat": list(means * frames), "var_stat": list((variances + means**2) * frames), "frame_num": frames}
+    (audio_dir / "global_cmvn").write_text(json.dumps(wenet))
+    return vision_dir, audio_dir

@@ -8,10 +8,8 @@ The text model is whatever `text_config` names, built by vLLM's own registry.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +42,7 @@ from vllm.sequence import IntermediateTensors
 
 from . import feature_cache
 from .audio_features import SAMPLE_RATE, AudioFeatureExtractor, audio_token_count
+from .checkpoint import audio_feature_extractor
 from .config import VitaConfig
 from .encoders import embed_audios, embed_images, make_audio_tower, make_vision_tower
 from .image_tiling import image_to_pixel_values
@@ -59,8 +58,8 @@ class VitaProcessingInfo(BaseProcessingInfo):
 
     @cached_property
     def feature_extractor(self) -> AudioFeatureExtractor:
-        path = Path(self.ctx.model_config.model) / "feature_extractor" / "preprocessor_config.json"
-        return AudioFeatureExtractor.from_dict(json.loads(path.read_text()))
+        # The CMVN was chosen when the checkpoint was opened (`models.checkpoint`), whatever its format.
+        return audio_feature_extractor(self.get_hf_config())
 
     def get_data_parser(self) -> MultiModalDataParser:
         return MultiModalDataParser(

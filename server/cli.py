@@ -22,9 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--force-first-token", choices=["query", "noise", "text"], default=None,
                       help="wire the weights so the first generated token is this state token (for tests)")
+    tiny.add_argument("--format", dest="config_format", choices=["vita", "training", "port"], default="vita",
+                      help="config format: ours, the model repos' training config (towers written beside it), "
+                           "or VITA's own vLLM port")
+
+    inspect = sub.add_parser("inspect", help="preflight a checkpoint (directory or hub id): format, sources, "
+                                             "state tokens, tensors; no GPU, no engine")
+    inspect.add_argument("model")
+    inspect.add_argument("--strict", action="store_true", help="warnings fail too")
 
     gen = sub.add_parser("generate", help="stream one reply from a checkpoint for a text/image/audio/video prompt")
-    gen.add_argument("--model", required=True, type=Path)
+    gen.add_argument("--model", required=True, help="checkpoint directory or hub id")
     gen.add_argument("--text")
     gen.add_argument("--image", type=Path, action="append", default=[])
     gen.add_argument("--audio", type=Path, action="append", default=[])
@@ -34,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache cap on CPU (ignored on GPU)")
 
     serve = sub.add_parser("serve", help="run the server (no --model: the embedded CPU demo model)")
-    serve.add_argument("--model", dest="models", action="append", help="checkpoint dir; twice for two engines")
+    serve.add_argument("--model", dest="models", action="append",
+                       help="checkpoint dir or hub id; twice for two engines")
     serve.add_argument("--config", type=Path, help="TOML or JSON settings file (same names as VITA_* vars)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -65,9 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build-tiny":
         from models.tiny import build_tiny
 
-        path = build_tiny(args.layout, args.out_dir, seed=args.seed, force=args.force_first_token)
-        print(f"tiny {args.layout} checkpoint written to {path}")
+        path = build_tiny(args.layout, args.out_dir, seed=args.seed, force=args.force_first_token,
+                          config_format=args.config_format)
+        print(f"tiny {args.layout} checkpoint ({args.config_format} format) written to {path}")
         return 0
+    if args.command == "inspect":
+        from models.preflight import inspect_checkpoint
+
+        report = inspect_checkpoint(args.model)
+        print(report.render())
+        return 1 if report.problems or (args.strict and report.warnings) else 0
     if args.command == "generate":
         return asyncio.run(_generate(args))
     return 2
