@@ -46,6 +46,8 @@ def make_audio_tower(config: VitaConfig) -> tuple[WhaleAudioEncoder, AudioProjec
         num_attention_heads=a.num_attention_heads,
         intermediate_size=a.intermediate_size,
         max_position=a.max_position,
+        chunk_size=a.chunk_size,
+        left_chunks=a.left_chunks,
     )
     projector = AudioProjector(
         encoder_dim=a.hidden_size,

@@ -22,10 +22,17 @@ Where the public sources were ambiguous, and what we chose. Sources: VITA traini
    layer. Training and vLLM agree, so we do not add them.
 2. No ``rel_shift`` (WeNet's speech variant; commented out in both sources):
    ``matrix_bd = (q + v) . (W_pos pe[t])^T`` with ``pe`` the plain sinusoid rows 0..T'-1.
-3. Attention mask. Training's ``Transformer.forward`` applies ``add_optional_chunk_mask`` with dynamic
-   chunks, which depends on the unpublished ``train.yaml``; the vLLM deployment attends over all valid
-   frames with a key padding mask. We follow vLLM. Training fills masked scores with fp16-min and zeroes
-   them after softmax, vLLM uses -inf: the same on valid rows.
+3. Attention mask. Training's ``Transformer.forward`` builds its mask with ``add_optional_chunk_mask``,
+   set by ``train.yaml`` (``models/audio_encoder_config.py`` reads it):
+   - dynamic chunks (``transformer-dynamic-chunks``, upstream's default): a chunk size drawn at random on
+     every forward, in eval too, so upstream's own output is not deterministic. VITA's vLLM port and its
+     serving attend over all valid frames (key padding mask only), and so do we: ``chunk_size = -1``.
+   - static chunks (``chunk_size > 0``): every frame sees its own chunk and ``left_chunks`` chunks to the
+     left (all when < 0), at the subsampled frame rate, ANDed with the key padding mask
+     (``chunk_attention_mask``). Padded query rows, whose outputs are discarded, see every valid key so that
+     no row is empty.
+   Training fills masked scores with fp16-min and zeroes them after softmax, vLLM uses -inf: the same on
+   valid rows.
 4. LayerNorm eps. Training builds every whale LayerNorm with torch's default 1e-5; vLLM uses the config
    value for the layer norms but 1e-5 for the embed block. We use ``layer_norm_eps`` (default 1e-5) for
    the layer/final norms and a fixed 1e-5 for the embed block, matching both.
@@ -55,6 +62,7 @@ __all__ = [
     "VisionProjector",
     "WhaleAudioEncoder",
     "audio_output_lengths",
+    "chunk_attention_mask",
     "encode_audio",
     "encode_images",
     "pixel_shuffle",
@@ -267,6 +275,26 @@ def subsampled_lengths(num_frames: torch.Tensor | int) -> torch.Tensor | int:
     return ((num_frames - 1) // 2 - 1) // 2
 
 
+def chunk_attention_mask(
+    num_frames: int, chunk_size: int, left_chunks: int = -1, device: torch.device | None = None
+) -> torch.Tensor:
+    """Whale's static chunk mask: (T, T) bool, True where query frame i may attend to key frame j.
+
+    Frame i lies in chunk ``i // chunk_size`` and sees the keys of that chunk and of the ``left_chunks``
+    chunks before it (every earlier chunk when ``left_chunks < 0``); the last chunk may be short. Frames
+    are the subsampled ones (after the x4 convs), as upstream builds it. Upstream writes it row by row
+    (``subsequent_chunk_mask``); comparing chunk indices gives the same matrix in one step.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0 for a chunk mask; got {chunk_size} (<= 0: full attention)")
+    chunk = torch.arange(num_frames, device=device) // chunk_size
+    behind = chunk[:, None] - chunk[None, :]  # how many chunks key j lies behind query i
+    allowed = behind >= 0
+    if left_chunks >= 0:
+        allowed &= behind <= left_chunks
+    return allowed
+
+
 def audio_output_lengths(num_frames: torch.Tensor | int) -> torch.Tensor | int:
     """LLM tokens for T fbank frames: t1 = ((T-1)//2 - 1)//2, n = (t1 - 1)//2 + 1 (0 when T < 7)."""
     t1 = subsampled_lengths(num_frames)
@@ -357,8 +385,10 @@ class WhaleRelAttention(nn.Module):
         nn.init.xavier_uniform_(self.pos_bias_v)
 
     def forward(
-        self, x: torch.Tensor, pos_emb: torch.Tensor, key_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, pos_emb: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """``mask``: True where attending is allowed; (B, T) over keys (padding) or (B, T, T) query × key
+        (chunks). None = full attention, SDPA's fast path."""
         b, t, c = x.shape
         # q stays (B, T, h, d) so the (h, d) position biases broadcast.
         q = self.linear_q(x).view(b, t, self.num_heads, self.d_k)
@@ -369,8 +399,9 @@ class WhaleRelAttention(nn.Module):
         q_v = (q + self.pos_bias_v).transpose(1, 2)
         # SDPA computes (q_u kᵀ)/√d + bias; the position term (q_v pᵀ)/√d rides in as that bias.
         bias = torch.matmul(q_v, p.transpose(-2, -1)) / math.sqrt(self.d_k)  # (B, h, T, T)
-        if key_mask is not None:
-            bias = bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        if mask is not None:
+            allowed = mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]
+            bias = bias.masked_fill(~allowed, float("-inf"))
         out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bias)
         return self.linear_out(out.transpose(1, 2).reshape(b, t, c))
 
@@ -397,8 +428,8 @@ class WhaleEncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.norm2 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.norm1(x), pos_emb, key_mask)
+    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.norm1(x), pos_emb, mask)
         return x + self.feed_forward(self.norm2(x))
 
 
@@ -413,14 +444,18 @@ class WhaleEncoderStack(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, pos_emb, key_mask)
+            x = layer(x, pos_emb, mask)
         return self.layer_norm(x)
 
 
 class WhaleAudioEncoder(nn.Module):
-    """Whale speech encoder: (B, T, 80) CMVN-normalised fbank -> (B, T', H), T' = ((T-1)//2 - 1)//2."""
+    """Whale speech encoder: (B, T, 80) CMVN-normalised fbank -> (B, T', H), T' = ((T-1)//2 - 1)//2.
+
+    ``chunk_size > 0`` turns on upstream's static chunk attention (module docstring, point 3); the default
+    -1 is full attention, as VITA's vLLM port.
+    """
 
     def __init__(
         self,
@@ -431,10 +466,14 @@ class WhaleAudioEncoder(nn.Module):
         intermediate_size: int = 4096,
         max_position: int = 5000,
         layer_norm_eps: float = 1e-5,
+        chunk_size: int = -1,
+        left_chunks: int = -1,
     ) -> None:
         super().__init__()
         self.input_dim = input_dim
         self.hidden_size = hidden_size
+        self.chunk_size = chunk_size
+        self.left_chunks = left_chunks
         self.subsampling = WhaleConv2dSubsampling4(input_dim, hidden_size)
         self.embeddings = WhaleAudioEmbeddings(hidden_size, max_position)
         self.encoder = WhaleEncoderStack(
@@ -464,12 +503,26 @@ class WhaleAudioEncoder(nn.Module):
         dtype = self.subsampling.out.weight.dtype
         x = self.subsampling(features.to(dtype))
         out_lengths = subsampled_lengths(lengths)
-        t = x.shape[1]
-        key_mask = None
-        if bool((out_lengths < t).any()):  # unbatched / equal lengths: no mask, lets SDPA use its fast path
-            key_mask = torch.arange(t, device=x.device)[None, :] < out_lengths[:, None]
+        mask = self.attention_mask(out_lengths, x.shape[1])
         x, pos_emb = self.embeddings(x)
-        return self.encoder(x, pos_emb, key_mask), out_lengths
+        return self.encoder(x, pos_emb, mask), out_lengths
+
+    def attention_mask(self, out_lengths: torch.Tensor, num_frames: int) -> torch.Tensor | None:
+        """What every layer may attend to, built once per forward at the subsampled rate: None (full
+        attention), (B, T') valid keys, or (B, T', T') with static chunks."""
+        device = out_lengths.device
+        padded = bool((out_lengths < num_frames).any())  # unbatched / equal lengths: no padding
+        valid = torch.arange(num_frames, device=device)[None, :] < out_lengths[:, None] if padded else None
+        if self.chunk_size <= 0:
+            return valid  # None unless padded: lets SDPA use its fast path
+        allowed = chunk_attention_mask(num_frames, self.chunk_size, self.left_chunks, device)[None]
+        if valid is None:
+            return allowed
+        # Upstream ANDs the chunk mask with the key padding mask. A padded query row (its output is discarded)
+        # may then see no key at all: an all -inf row is NaN in a plain softmax and in some SDPA kernels (recent
+        # CPU ones return zeros), and NaN values would leak into valid rows through 0 * NaN in the weighted
+        # sum. Such rows see every valid key instead, so the result does not depend on the kernel.
+        return valid[:, None, :] & (allowed | ~valid[:, :, None])
 
 
 class AudioProjector(nn.Module):

@@ -202,3 +202,28 @@ async def test_greedy_replies_are_identical_across_formats(formats: dict[str, st
     assert len(replies["vita"]) == 12
     assert replies["port"] == replies["vita"]
     assert replies["training"] == replies["vita"]
+
+
+def test_vita10_formats_convert_to_the_same_config(tmp_path: Path) -> None:
+    """VITA-1.0 (Mixtral): the `vita-mixtral` training format and the `mixtral_multimodal` port, from directories
+    (the training config naming its tower repos by local path)."""
+    from models.checkpoint import open_checkpoint
+    from models.tiny import build_tiny
+
+    specs = {fmt: build_tiny("vita10", tmp_path / fmt, seed=SEED, config_format=fmt)  # type: ignore[arg-type]
+             for fmt in ("vita", "training", "port")}
+    opened = {fmt: open_checkpoint(path) for fmt, path in specs.items()}
+    reference = opened["vita"].config
+    assert reference.get_text_config().model_type == "mixtral"
+    for fmt, ckpt in opened.items():
+        config = ckpt.config
+        assert (ckpt.config_format, config.layout) == (fmt, "vita10")
+        assert config.get_text_config().to_dict() | {"architectures": None} == (
+            reference.get_text_config().to_dict() | {"architectures": None}), fmt
+        assert config.vision_config.num_attention_heads == reference.vision_config.num_attention_heads, fmt
+        assert config.audio_config.num_attention_heads == reference.audio_config.num_attention_heads, fmt
+        assert config.state_token_ids == reference.state_token_ids, fmt
+        assert (config.image_token_index, config.audio_token_index) == (
+            reference.image_token_index, reference.audio_token_index), fmt
+        assert ckpt.warnings == [], (fmt, ckpt.warnings)
+    assert str(tmp_path / "training-AudioEnc") in opened["training"].sources["audio_config"]

@@ -1,4 +1,9 @@
-"""Tests for models/towers.py on tiny towers: names/shapes, token counts, pixel shuffle, masks, dtypes."""
+"""Tests for models/towers.py on tiny towers: names/shapes, token counts, pixel shuffle, masks, dtypes.
+
+The whale chunk-mask tests compare the tower with `models.reference.whale_encoder_reference`, upstream's
+eval forward written out in its own formulation (explicit softmax with fp16-min filling, masks sliced and
+built row by row), and the mask with a loop-for-loop transcription of upstream's `subsequent_chunk_mask`.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.config import VitaConfig
+from models.encoders import make_audio_tower
 from models.errors import InvalidAudioError
+from models.reference import whale_encoder_reference
 from models.towers import (
     AudioProjector,
     InternVisionModel,
     VisionProjector,
     WhaleAudioEncoder,
     audio_output_lengths,
+    chunk_attention_mask,
     encode_audio,
     encode_images,
     pixel_shuffle,
@@ -402,3 +411,159 @@ def test_position_table_survives_inference_mode_then_autograd() -> None:
         encode_audio(enc, proj, feats)
     encode_audio(enc, proj, feats).sum().backward()  # the cached table must not be an inference tensor
     assert enc.encoder.layers[0].self_attn.linear_pos.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------- chunk mask
+
+
+def _upstream_subsequent_chunk_mask(size: int, ck_size: int, num_l_cks: int = -1) -> list[list[bool]]:
+    """Transcription of upstream whale/utils.py `subsequent_chunk_mask`, with plain lists."""
+    ret = [[False] * size for _ in range(size)]
+    for i in range(size):
+        if num_l_cks < 0:
+            start = 0
+        else:
+            start = max((i // ck_size - num_l_cks) * ck_size, 0)
+        ending = min((i // ck_size + 1) * ck_size, size)
+        for j in range(start, ending):
+            ret[i][j] = True
+    return ret
+
+
+def _whale(chunk_size: int = -1, left_chunks: int = -1) -> WhaleAudioEncoder:
+    torch.manual_seed(1)  # the same weights as `_audio()`'s encoder
+    enc = WhaleAudioEncoder(
+        input_dim=80,
+        hidden_size=H,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=I,
+        chunk_size=chunk_size,
+        left_chunks=left_chunks,
+    )
+    return enc.eval()
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 16, 37])
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 16, 50])
+@pytest.mark.parametrize("left_chunks", [-1, 0, 1, 2, 5])
+def test_chunk_mask_matches_upstream(size: int, chunk_size: int, left_chunks: int) -> None:
+    mask = chunk_attention_mask(size, chunk_size, left_chunks)
+    assert mask.dtype == torch.bool
+    assert mask.tolist() == _upstream_subsequent_chunk_mask(size, chunk_size, left_chunks)
+
+
+def test_chunk_mask_hand_example() -> None:
+    # 7 frames, chunks of 3 -> chunks {0,1,2} {3,4,5} {6}; one left chunk.
+    expected = [
+        "1110000",
+        "1110000",
+        "1110000",
+        "1111110",
+        "1111110",
+        "1111110",
+        "0001111",
+    ]
+    got = ["".join("1" if v else "0" for v in row) for row in chunk_attention_mask(7, 3, 1).tolist()]
+    assert got == expected
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_attention_mask(7, 0)
+
+
+@pytest.mark.parametrize(("chunk_size", "left_chunks"), [(3, -1), (2, 0), (4, 1)])
+def test_encoder_mask_is_upstreams_on_valid_rows(chunk_size: int, left_chunks: int) -> None:
+    """Upstream: (B, 1, T) padding mask sliced [2::2][2::2], ANDed with the chunk mask of the subsampled length."""
+    enc = _whale(chunk_size, left_chunks)
+    frames = 61
+    lengths = torch.tensor([61, 40, 23])
+    t = subsampled_lengths(frames)
+    sub = subsampled_lengths(lengths)
+    mask = enc.attention_mask(sub, t)
+    assert mask is not None and mask.shape == (3, t, t)
+    padding = (torch.arange(frames)[None, :] < lengths[:, None]).unsqueeze(1)[:, :, 2::2][:, :, 2::2]
+    upstream = padding & torch.tensor(_upstream_subsequent_chunk_mask(t, chunk_size, left_chunks))[None]
+    for b in range(3):
+        n = int(sub[b])
+        assert torch.equal(mask[b, :n], upstream[b, :n])
+        assert mask[b].any(-1).all()  # padded rows too see at least one key: no all -inf row, no NaN
+        assert not mask[b, :, n:].any()  # nobody attends to padding
+    # Unbatched: the chunk mask alone.
+    alone = enc.attention_mask(torch.tensor([t]), t)
+    assert alone is not None and torch.equal(alone[0], chunk_attention_mask(t, chunk_size, left_chunks))
+
+
+def test_full_attention_masks_unchanged() -> None:
+    """chunk_size = -1: no mask unbatched (SDPA's fast path), a (B, T') key mask when padded."""
+    enc = _whale()
+    assert enc.attention_mask(torch.tensor([20, 20]), 20) is None
+    key_mask = enc.attention_mask(torch.tensor([20, 11]), 20)
+    assert key_mask is not None and key_mask.shape == (2, 20)
+    assert key_mask.sum(-1).tolist() == [20, 11]
+
+
+@pytest.mark.parametrize(("chunk_size", "left_chunks"), [(-1, -1), (4, -1), (3, 0), (5, 2), (1, 1)])
+def test_tower_matches_reference(chunk_size: int, left_chunks: int) -> None:
+    enc = _whale(chunk_size, left_chunks)
+    torch.manual_seed(7)
+    frame_lengths = [148, 97, 60, 151]
+    batch = torch.full((len(frame_lengths), max(frame_lengths), 80), 7.0)  # garbage padding
+    for i, n in enumerate(frame_lengths):
+        batch[i, :n] = torch.randn(n, 80)
+    lengths = torch.tensor(frame_lengths)
+    with torch.no_grad():
+        hidden, out_lengths = enc(batch, lengths)
+        ref, ref_lengths = whale_encoder_reference(enc, batch, lengths, chunk_size, left_chunks)
+        assert torch.isfinite(hidden).all()
+        assert out_lengths.tolist() == ref_lengths.tolist()
+        for i, n in enumerate(out_lengths.tolist()):
+            torch.testing.assert_close(hidden[i, :n], ref[i, :n], rtol=1e-5, atol=1e-5)
+            # Unbatched: the padded batch changes nothing.
+            alone, _ = enc(batch[i : i + 1, : frame_lengths[i]])
+            torch.testing.assert_close(hidden[i, :n], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_full_attention_tower_is_unchanged(audio: tuple[WhaleAudioEncoder, AudioProjector]) -> None:
+    """The default tower (chunk_size -1) is the one every other test checks; chunking really changes it."""
+    enc, _ = audio
+    assert (enc.chunk_size, enc.left_chunks) == (-1, -1)
+    feats = torch.randn(1, 148, 80)
+    with torch.no_grad():
+        full = enc(feats)[0]
+        torch.testing.assert_close(_whale()(feats)[0], full, rtol=0, atol=0)
+        torch.testing.assert_close(whale_encoder_reference(enc, feats)[0], full, rtol=1e-5, atol=1e-5)
+        chunked = _whale(4, 1)(feats)[0]
+    assert not torch.allclose(chunked, full, atol=1e-3)
+
+
+def test_chunks_do_not_see_the_future() -> None:
+    """With chunks (any left context), outputs of chunks before k ignore input frames that only feed chunk k on.
+
+    Subsampled frame t reads fbank frames 4t..4t+6, so the last frame of chunk k-1 (t = ck - 1) reads up to
+    frame 4ck + 2; changing frames from 4ck + 3 on must leave chunks 0..k-1 as they were.
+    """
+    c, k = 4, 3
+    feats = torch.randn(1, 200, 80)
+    later = feats.clone()
+    later[:, 4 * c * k + 3 :] += torch.randn_like(later[:, 4 * c * k + 3 :])
+    for enc, isolated in ((_whale(c, -1), True), (_whale(c, 0), True), (_whale(), False)):
+        with torch.no_grad():
+            a, b = enc(feats)[0], enc(later)[0]
+        assert torch.equal(a[0, : c * k], b[0, : c * k]) is isolated
+        assert not torch.allclose(a[0, c * k :], b[0, c * k :])
+
+
+def test_chunk_settings_reach_the_tower_from_the_config() -> None:
+    audio = {"hidden_size": H, "intermediate_size": I, "num_hidden_layers": 1, "num_attention_heads": HEADS}
+    default, _ = make_audio_tower(VitaConfig(audio_config=audio))
+    assert (default.chunk_size, default.left_chunks) == (-1, -1)
+    chunked, _ = make_audio_tower(VitaConfig(audio_config={**audio, "chunk_size": 8, "left_chunks": 2}))
+    assert (chunked.chunk_size, chunked.left_chunks) == (8, 2)
+
+
+def test_bfloat16_chunked_padded_batch_is_finite() -> None:
+    enc = _whale(2, 0).to(torch.bfloat16)  # left 0: padded rows past the last chunk see no valid key upstream
+    batch = torch.randn(2, 100, 80)
+    with torch.no_grad():
+        hidden, lengths = enc(batch, torch.tensor([100, 30]))
+    assert torch.isfinite(hidden.float()).all()
+    assert lengths.tolist() == [24, 6]
