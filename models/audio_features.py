@@ -1,7 +1,8 @@
 """Audio preprocessing for VITA's "whale" audio encoder.
 
-Pipeline: decode -> 16 kHz mono float32 in [-1, 1] -> x 2**15 -> Kaldi fbank (80 mel bins,
-25 ms window, 10 ms shift, snip_edges) -> global CMVN with the checkpoint's fixed means/istds.
+Pipeline: decode -> first channel -> 16 kHz float32 (torchaudio's default sinc resampler,
+`models.resample`) -> x 2**15 -> Kaldi fbank (80 mel bins, 25 ms window, 10 ms shift, snip_edges)
+-> global CMVN with the checkpoint's fixed means/istds.
 The encoder subsamples 4x (two stride-2 convs) and the adapter 2x more, so one audio token
 covers 80 ms; `audio_token_count` reproduces that arithmetic exactly.
 """
@@ -16,9 +17,9 @@ from typing import Any
 import kaldi_native_fbank as knf
 import numpy as np
 import soundfile as sf
-import soxr
 
 from models.errors import InvalidAudioError
+from models.resample import resample
 
 SAMPLE_RATE = 16000
 NUM_MEL_BINS = 80
@@ -64,19 +65,25 @@ def _as_float_samples(wave: np.ndarray) -> np.ndarray:
 
 
 def to_mono_16k(wave: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Any rate, mono or (frames, channels) -> 16 kHz mono float32 clipped to [-1, 1] (soxr resampling)."""
-    if not sample_rate or sample_rate <= 0 or not math.isfinite(sample_rate):
-        raise InvalidAudioError(f"sample rate must be a positive number of Hz; got {sample_rate!r}")
+    """Any rate, mono or (frames, channels) -> 16 kHz mono float32, as VITA prepares a clip.
+
+    Multi-channel audio keeps its FIRST channel: VITA loads with torchaudio ((channels, frames)) and
+    torchaudio's kaldi.fbank reads channel max(-1, 0) = 0, so the other channels never reach the model.
+    Other rates go through torchaudio's default resampler (`models.resample`, as VITA's
+    `transforms.Resample`); no clipping afterwards, as upstream (the fbank takes any float).
+    """
+    numeric = isinstance(sample_rate, (int, float, np.number)) and not isinstance(sample_rate, bool)
+    if not numeric or not math.isfinite(sample_rate) or sample_rate <= 0 or int(sample_rate) != sample_rate:
+        raise InvalidAudioError(f"sample rate must be a positive whole number of Hz; got {sample_rate!r}")
     samples = _as_float_samples(wave)
     if samples.shape[0] == 0 or samples.size == 0:
         raise InvalidAudioError("audio is empty (0 samples); send at least 0.1 s of speech")
     if not np.isfinite(samples).all():
         raise InvalidAudioError("audio contains NaN or infinite samples; samples must be finite in [-1, 1]")
-    mono = samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples
+    mono = np.ascontiguousarray(samples[:, 0]) if samples.ndim == 2 else samples
     if sample_rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, float(sample_rate), float(SAMPLE_RATE))
-    # soxr can overshoot slightly near full scale; the encoder expects [-1, 1] before x 2**15.
-    return np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False)
+        mono = resample(mono, int(sample_rate), SAMPLE_RATE)
+    return mono.astype(np.float32, copy=False)
 
 
 def num_fbank_frames(num_samples: int) -> int:
@@ -160,8 +167,10 @@ class AudioFeatureExtractor:
             num_mel_bins=int(d.get("feature_size", NUM_MEL_BINS)),
             frame_length_ms=float(d.get("frame_length", 25)),
             frame_shift_ms=float(d.get("frame_shift", 10)),
-            # The shipped VITA extractor says dither=1.0, i.e. random noise added to every frame;
-            # that is a training augmentation and makes inference non-deterministic, so force 0.
+            # Deliberately NOT the config's value. The published feature_extractor/preprocessor_config.json
+            # says dither=1.0 (Gaussian noise of std 1 added to every sample of every frame, x 2**15 scale: a
+            # training augmentation; upstream's vLLM demo even applies it at inference). Inference here
+            # forces 0 so the same audio always gives the same features (and feature caching is valid).
             dither=0.0,
         )
 

@@ -1,7 +1,9 @@
 """Turn user media (bytes or arrays) into one engine input: decode, validate, pick the system prompt.
 
-Video becomes its sampled frames, each a square one-tile image (VITA puts `<image>` × frames first);
-images keep dynamic tiling; audio becomes a 16 kHz mono clip. Bad media raise `InvalidMediaError`.
+Video becomes its sampled frames, each a square one-tile image; images keep dynamic tiling; audio becomes
+a 16 kHz mono clip. The turn is laid out as upstream VITA does (`models.prompts`): `<image>` × images or
+frames, "\n", the text, then `<audio>` × clips; media go to the engine in that order. Bad media raise
+`InvalidMediaError`.
 """
 
 from __future__ import annotations
@@ -49,5 +51,6 @@ def user_input(
 
 
 def video_file_frames(data: bytes) -> list[Image.Image]:
-    """Frames of a video file: 1 fps, between 4 and 16 frames (VITA's offline policy)."""
+    """Frames of a video file as VITA's offline demo samples them (`_get_rawvideo_dec`): one every
+    round(container fps) frames, then 16 spread evenly for clips over 16 s, or 4 with repeats under 4 s."""
     return decode_video_frames(data, fps=1.0, min_frames=4, max_frames=16)

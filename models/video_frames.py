@@ -1,9 +1,11 @@
 """Video preprocessing: frame sampling for uploaded clips and for the live webcam stream.
 
-Uploaded clips follow VITA's offline demo: sample at 1 fps by timestamp, then take frames
-uniformly so there are between 4 and 16. Live streams use the interactive demo's policy: a
-few frames spread uniformly over the last couple of seconds. Every frame becomes one 448x448
-tile (max_dynamic_patch=1, no thumbnail), i.e. 256 LLM tokens.
+Uploaded clips follow VITA's offline demo (`video_audio_demo.py` `_get_rawvideo_dec`): one candidate every
+round(container_fps / fps) frames, then `np.linspace(..., dtype=int)` over the candidates down to 16 or up
+to 4 (short clips repeat frames). Live streams use the interactive demo's policy: a few frames spread
+uniformly over the last couple of seconds. Every frame becomes one 448x448 tile (max_dynamic_patch=1, no
+thumbnail), i.e. 256 LLM tokens, made as VITA's CLIPImageProcessor does: short side to 448 (long side
+truncated with int()), bicubic, centre crop.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def decode_video_frames(
 ) -> list[Image.Image]:
     """Decode a clip (bytes or a path) and return between min_frames and max_frames RGB frames.
 
-    Fewer are returned only when the clip itself has fewer than min_frames frames.
+    Short clips give min_frames with repeats (see `sample_frame_indices`); fewer come back only when
+    frames that the container announced cannot be decoded.
     """
     if not fps > 0 or not 1 <= min_frames <= max_frames:
         raise ValueError(
@@ -63,19 +66,27 @@ def sample_frame_indices(
     min_frames: int = 4,
     max_frames: int = 16,
 ) -> list[int]:
-    """Frame indices to keep: one per 1/fps seconds, then uniform down to max / up to min frames."""
-    if math.isfinite(container_fps) and container_fps > 0:
-        step = container_fps / fps
-        # Frame nearest to each sampling instant k/fps; rounding can land on `total`, so filter.
-        instants = {round(k * step) for k in range(math.ceil(total / step))}
-        candidates = sorted(i for i in instants if i < total)
-    else:
-        candidates = list(range(total))  # no timing information: treat every frame as a candidate
+    """Frame indices to decode, in order and possibly repeated, exactly as VITA's `_get_rawvideo_dec`.
+
+    Candidates are ``range(0, total, stride)`` with ``stride = int(round(container_fps / fps))`` (Python's
+    round: half to even). More than max_frames or fewer than min_frames candidates are replaced by
+    ``candidates[k] for k in np.linspace(0, len - 1, num, dtype=int)`` (truncating), so a clip under
+    min_frames seconds repeats frames: 2 s at 30 fps -> [0, 0, 0, 30].
+    Departures, where upstream would crash: an unknown container fps (0, NaN) makes every frame a
+    candidate, and a stride that rounds to 0 (fps below 0.5 x the sampling rate) becomes 1.
+    """
+    if total <= 0:
+        return []
+    known = math.isfinite(container_fps) and container_fps > 0
+    stride = max(1, round(float(container_fps) / fps)) if known else 1
+    candidates = list(range(0, total, stride))
     if len(candidates) > max_frames:
-        return [candidates[k] for k in _uniform(len(candidates), max_frames)]
-    if len(candidates) < min_frames:
-        return _uniform(total, min(min_frames, total))
-    return candidates
+        num = max_frames
+    elif len(candidates) < min_frames:
+        num = min_frames
+    else:
+        return candidates
+    return [candidates[int(k)] for k in np.linspace(0, len(candidates) - 1, num=num, dtype=int)]
 
 
 def _uniform(count: int, num: int) -> list[int]:
@@ -128,10 +139,11 @@ def _count_frames(path: str) -> tuple[int, float]:
 
 
 def _read_frames(path: str, indices: Sequence[int]) -> list[Image.Image]:
-    """Decode only the frames at `indices` (sorted) as RGB PIL images."""
+    """The frames at `indices` (ascending, repeats allowed) as RGB PIL images, each decoded once;
+    an index past what actually decodes is skipped."""
     wanted = set(indices)
     last = max(indices)
-    frames: list[Image.Image] = []
+    decoded: dict[int, Image.Image] = {}
     cap = _open(path)
     try:
         for index in range(last + 1):
@@ -140,10 +152,10 @@ def _read_frames(path: str, indices: Sequence[int]) -> list[Image.Image]:
             if index in wanted:
                 ok, bgr = cap.retrieve()
                 if ok and bgr is not None:
-                    frames.append(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+                    decoded[index] = Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
     finally:
         cap.release()
-    return frames
+    return [decoded[i] for i in indices if i in decoded]
 
 
 def select_live_frames(
@@ -176,14 +188,23 @@ def frames_to_pixel_values(
 
 
 def square_frame(frame: Image.Image | bytes | np.ndarray, image_size: int = 448) -> Image.Image:
-    """Resize the short side to `image_size` and centre-crop, as VITA's video training did.
+    """Resize the short side to `image_size` and centre-crop, as VITA's CLIPImageProcessor does.
 
-    A square `image_size` image is exactly one tile under dynamic tiling, so frames can travel to the
-    engine as ordinary images without being stretched.
+    VITA's `preprocessor_config.json` has ``size: 448`` (= ``shortest_edge``), ``crop_size: 448``, bicubic.
+    transformers' `get_resize_output_image_size` gives the long side ``int(size * long / short)``
+    (truncated, not rounded: 640x479 -> 598x448, where round would give 599), and `center_crop` starts
+    at ``(side - crop) // 2``. A square `image_size` image is exactly one tile under dynamic tiling, so
+    frames can travel to the engine as ordinary images without being stretched.
     """
     image = as_image(frame)
-    scale = image_size / min(image.size)
-    width, height = max(image_size, round(image.width * scale)), max(image_size, round(image.height * scale))
+    width, height = resized_short_side(image.width, image.height, image_size)
     image = image.resize((width, height), Image.Resampling.BICUBIC)
     left, top = (width - image_size) // 2, (height - image_size) // 2
     return image.crop((left, top, left + image_size, top + image_size))
+
+
+def resized_short_side(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after scaling the short side to `size`: transformers' shortest_edge arithmetic."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size

@@ -399,8 +399,8 @@ def test_decode_video_from_bytes_and_sampled_indices(tmp_path: Path) -> None:
 
 def test_sample_frame_indices() -> None:
     assert sample_frame_indices(50, 10.0) == [0, 10, 20, 30, 40]
-    assert sample_frame_indices(20, 10.0) == [0, 6, 12, 19]
-    assert sample_frame_indices(3, 10.0) == [0, 1, 2]
+    assert sample_frame_indices(20, 10.0) == [0, 0, 0, 10]  # VITA repeats frames of clips under 4 s
+    assert sample_frame_indices(3, 10.0) == [0, 0, 0, 0]
     assert len(sample_frame_indices(300, 10.0)) == 16
     assert sample_frame_indices(10, 0.0, max_frames=4) == [0, 3, 6, 9]
     assert sample_frame_indices(60, 30.0, fps=2.0) == [0, 15, 30, 45]
