@@ -79,37 +79,11 @@ from duplex.events import (
     UserPart,
 )
 from duplex.history import History, SpokenSentence
+from models.state_tokens import StateTokens, VisibleText, classify_first_token
+
+__all__ = ["ControllerSettings", "DuplexController", "SimpleChunker", "StateTokens"]
 
 # --- settings -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StateTokens:
-    """Token ids (and their text) of VITA's state tokens. Take the ids from the checkpoint's tokenizer."""
-
-    query: int
-    noise: int
-    text: int
-    query_str: str = "☞"
-    noise_str: str = "☟"
-    text_str: str = "☜"
-
-    @classmethod
-    def vita15(cls) -> StateTokens:
-        """VITA-1.5 (Qwen2.5 vocabulary) ids as derived in research/vita.md §2; verify with the tokenizer."""
-        return cls(query=144766, noise=146164, text=145789)
-
-    @classmethod
-    def vita10(cls, query: int, noise: int, text: int) -> StateTokens:
-        """VITA-1.0: <1> <2> <3> are added tokens whose ids only the tokenizer knows."""
-        return cls(query, noise, text, "<1>", "<2>", "<3>")
-
-    def kind_of(self, token_id: int) -> SegmentKind:
-        kinds: dict[int, SegmentKind] = {self.query: "query", self.noise: "noise", self.text: "text"}
-        return kinds.get(token_id, "unknown")
-
-    def text_of(self, kind: SegmentKind) -> str:
-        return {"query": self.query_str, "noise": self.noise_str, "text": self.text_str}.get(kind, "")
 
 
 @dataclass(frozen=True)
@@ -118,7 +92,8 @@ class ControllerSettings:
     interrupt_response: bool = True  # False: never pause, never interrupt an answer
     create_response: bool = True  # False: VAD events only; speech becomes a pending user item
     history_turns: int = 2
-    # None: the checkpoint has no state tokens. The runtime should pass the tokenizer's ids.
+    # None: the checkpoint has no state tokens. The runtime passes the tokenizer's ids
+    # (`models.state_tokens`: the same module classifies the first token and filters the visible text).
     state_tokens: StateTokens | None = None
     # What to do when the first token is not a state token (or there are none).
     no_state_token_policy: Literal["answer", "ignore"] = "answer"
@@ -224,6 +199,7 @@ class _Response:
     user: tuple[UserPart, ...]
     audio: bool
     chunker: Chunker
+    visible: VisibleText  # raw model text -> transcript (no state/special tokens, even split ones)
     prefix: str = ""  # state token text, as it goes into history
     awaiting_first_token: bool = False  # forced answers learn their state token from it
     text: str = ""  # transcript so far
@@ -449,7 +425,9 @@ class DuplexController:
         response.request_id = None
         if event.reason in ("stop", "length"):
             response.finish = event.reason
-            actions = self._speak(response, response.chunker.flush()) if response.audio else []
+            actions = self._transcript(response, response.visible.flush())  # a held tail was text after all
+            if response.audio:
+                actions += self._speak(response, response.chunker.flush())
             return actions + self._sync_output()
         if event.reason == "error":
             return [
@@ -513,9 +491,10 @@ class DuplexController:
     # --- transcript and speech ------------------------------------------------------------------
 
     def _answer_text(self, response: _Response, raw: str) -> list[Action]:
-        clean = self._clean(raw)
-        if not response.text:
-            clean = clean.lstrip()  # VITA often puts a space or newline after its state token
+        return self._transcript(response, response.visible.push(raw))
+
+    def _transcript(self, response: _Response, clean: str) -> list[Action]:
+        """Visible text (`VisibleText` output: no leading blank, no state or special token) goes out."""
         if not clean:
             return []
         response.text += clean
@@ -749,6 +728,7 @@ class DuplexController:
             user=request.user,
             audio=self._settings.audio_output,
             chunker=self._chunker_factory(),
+            visible=self._visible_text(),
             prefix=prefix,
         )
         request.response = response
@@ -794,22 +774,17 @@ class DuplexController:
             instructions=instructions,
         )
 
-    def _kind_of(self, token_id: int) -> SegmentKind:
+    def _visible_text(self) -> VisibleText:
         tokens = self._settings.state_tokens
-        return "unknown" if tokens is None else tokens.kind_of(token_id)
+        states = () if tokens is None else (tokens.query_str, tokens.noise_str, tokens.text_str)
+        return VisibleText(extra=(*self._settings.special_texts, *states))
+
+    def _kind_of(self, token_id: int) -> SegmentKind:
+        return classify_first_token(token_id, self._settings.state_tokens)
 
     def _state_text(self, kind: SegmentKind) -> str:
         tokens = self._settings.state_tokens
         return "" if tokens is None else tokens.text_of(kind)
-
-    def _clean(self, text: str) -> str:
-        tokens = self._settings.state_tokens
-        for special in self._settings.special_texts:
-            text = text.replace(special, "")
-        if tokens is not None:
-            for state in (tokens.query_str, tokens.noise_str, tokens.text_str):
-                text = text.replace(state, "")
-        return text
 
     @staticmethod
     def _classified(

@@ -23,6 +23,7 @@ import numpy as np
 
 from models.engine import EngineInput, Sampling
 from models.prompts import PromptBuilder, Turn
+from models.state_tokens import reply_token_budget, split_state_prefix
 from models.video_frames import square_frame
 
 from .controller import ControllerSettings, DuplexController, StateTokens
@@ -144,13 +145,11 @@ class RuntimeSettings:
 
 
 def state_tokens_for(engine: Any) -> StateTokens | None:
-    """The controller's state-token ids from an engine's checkpoint config."""
+    """The controller's state tokens (ids and text) from an engine's checkpoint config."""
     ids = getattr(engine, "state_tokens", None)
     if ids is None:
         return None
-    if engine.config.layout == "vita10":
-        return StateTokens.vita10(ids.query, ids.noise, ids.text)
-    return StateTokens(ids.query, ids.noise, ids.text)
+    return StateTokens.for_layout(engine.config.layout, ids)
 
 
 class _Pacer:
@@ -368,8 +367,11 @@ class DuplexSession:
         self._requests[action.request_id] = (action.engine, task)
 
     async def _generate(self, engine: Engine, request_id: str, prompt: EngineInput) -> None:
+        sampling = self.settings.sampling
+        # max_tokens counts the reply the user gets: the state token comes on top.
+        budget = reply_token_budget(sampling.max_tokens, self.settings.controller.state_tokens)
         try:
-            async for delta in engine.generate(prompt, request_id, self.settings.sampling):
+            async for delta in engine.generate(prompt, request_id, replace(sampling, max_tokens=budget)):
                 if delta.token_ids or delta.text:
                     self._feed(TokenDelta(request_id, tuple(delta.token_ids), delta.text))
                 if delta.finish_reason is not None:
@@ -396,7 +398,9 @@ class DuplexSession:
         task.add_done_callback(self._aborts.discard)
 
     def _render(self, engine: Engine, prompt: TurnPrompt) -> EngineInput:
-        """TurnPrompt → token ids + media, with VITA's template for this checkpoint."""
+        """TurnPrompt → token ids + media, with VITA's template for this checkpoint (`models.prompts`:
+        images, then the text, then the audio of each user turn; replies after their state token)."""
+        layout = engine.prompts.config.layout
         turns: list[Turn] = []
         audios: list[np.ndarray] = []
         for past in prompt.history:
@@ -404,7 +408,8 @@ class DuplexSession:
             clips = [np.asarray(p.audio, dtype=np.float32) for p in past.user if isinstance(p, InputAudio)]
             audios += clips
             turns.append(Turn("user", text=" ".join(texts), audios=len(clips)))
-            turns.append(Turn("assistant", text=past.assistant))
+            state, reply = split_state_prefix(past.assistant, layout)  # the controller put it there
+            turns.append(Turn("assistant", text=reply, state=state))
         clips = [np.asarray(a, dtype=np.float32) for a in prompt.audio]
         audios += clips
         size = engine.prompts.config.vision_config.image_size

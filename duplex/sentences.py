@@ -4,7 +4,8 @@ Text-to-speech wants whole sentences (prosody), but waiting for the first full s
 first audio. `SentenceChunker` therefore cuts at sentence ends, and for the first chunk of a response
 also at a clause break (comma, semicolon, colon) once a few words have arrived. It avoids cutting
 inside numbers ("3.14", "1,000") and after common abbreviations ("e.g.", "Mr."), and removes VITA's
-state tokens (☞ ☟ ☜ <1> <2> <3>) and special tokens (<|im_end|>, </s>, ...) so they are never spoken.
+state tokens (☞ ☟ ☜ <1> <2> <3>) and special tokens (<|im_end|>, </s>, ...) so they are never spoken
+(`models.state_tokens.VisibleText`, also when a token arrives split across deltas).
 
 Pure: no I/O, no clock. Feeding the text in any split gives the same chunks as feeding it whole.
 """
@@ -13,10 +14,9 @@ from __future__ import annotations
 
 import re
 
-# Special tokens: VITA state markers and chat/EOS tokens.
-_TOKEN_RE = re.compile(r"[☞☟☜]|<[123]>|<\|[^<>|\s]{1,40}\|>|</?s>|<unk>|<pad>")
-# A tail that may still grow into a special token ("<", "<|im_e", "</"): held back until decided.
-_PARTIAL_TOKEN_RE = re.compile(r"<(?:\|[^<>|\s]{0,40}\|?|/?s?|[123]|u|un|unk|p|pa|pad)?\Z")
+from models.state_tokens import VisibleText, strip_special_tokens
+
+__all__ = ["ABBREVIATIONS", "SentenceChunker", "strip_special_tokens"]
 
 # Sentence ends: ASCII ones need whitespace after (so "3.14" and "e.g.x" never match); CJK ones and
 # newlines do not. Closing quotes/brackets stay with their sentence.
@@ -37,11 +37,6 @@ ABBREVIATIONS = frozenset(
         "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
     }
 )  # fmt: skip
-
-
-def strip_special_tokens(text: str) -> str:
-    """Remove VITA state tokens and chat special tokens."""
-    return _TOKEN_RE.sub("", text)
 
 
 def _word_count(text: str) -> int:
@@ -88,23 +83,18 @@ class SentenceChunker:
 
     def reset(self) -> None:
         """Start a new response (the next chunk is a 'first chunk' again)."""
-        self._held = ""  # raw tail that may be the start of a special token
+        self._visible = VisibleText(strip_leading=False)  # holds back a special token in the making
         self._text = ""  # cleaned text not yet emitted
         self._first = True
 
     def push(self, delta: str) -> list[str]:
         """Add a text delta; return the chunks it completed (often none)."""
-        raw = self._held + delta
-        m = _PARTIAL_TOKEN_RE.search(raw)
-        cut = m.start() if m else len(raw)
-        self._held = raw[cut:]
-        self._text += strip_special_tokens(raw[:cut])
+        self._text += self._visible.push(delta)
         return self._drain(final=False)
 
     def flush(self) -> list[str]:
         """End of the response: return everything left (0 or more chunks) and reset."""
-        self._text += strip_special_tokens(self._held)
-        self._held = ""
+        self._text += self._visible.flush()
         chunks = self._drain(final=True)
         tail = self._text.strip()
         if _WORD_RE.search(tail):

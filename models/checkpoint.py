@@ -30,7 +30,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .config import STATE_TOKEN_TEXT, VITA_ARCHITECTURE, Layout, VitaConfig, register_config
+from .config import VITA_ARCHITECTURE, Layout, VitaConfig, register_config
+from .state_tokens import STATE_TOKEN_TEXT
+from .state_tokens import state_token_ids as _tokenizer_state_ids
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +245,7 @@ def open_checkpoint(spec: str | Path, tokenizer: Any = None) -> Checkpoint:
         config = _from_port(raw, layout, shapes, ckpt)  # type: ignore[arg-type]
     ckpt.config = config
     _set_cmvn(ckpt)
-    if config_format != "vita" or not config.state_token_ids:
+    if config_format != "vita":  # ours carries its ids (none for a model trained without state tokens)
         _set_token_ids(ckpt, tokenizer)
     config.validate_placeholders(len(tokenizer))
     config.architectures = [VITA_ARCHITECTURE]
@@ -483,16 +485,11 @@ def _set_token_ids(ckpt: Checkpoint, tokenizer: Any) -> None:
 
 
 def state_token_ids(tokenizer: Any, layout: str) -> dict[str, int]:
-    """The state tokens' ids; each must be ONE token of this tokenizer (VITA-1.0: added tokens)."""
-    out: dict[str, int] = {}
-    for kind, token in STATE_TOKEN_TEXT[layout].items():
-        ids = tokenizer.encode(token, add_special_tokens=False)
-        if len(ids) != 1:
-            raise CheckpointError(
-                f"state token {token!r} ({kind}) is {len(ids)} tokens {ids} in this tokenizer; VITA's tokenizer "
-                "has it as one token. Is this the checkpoint's own tokenizer?")
-        out[kind] = int(ids[0])
-    return out
+    """The state tokens' ids from the checkpoint's tokenizer; each must be ONE token (VITA-1.0: added tokens)."""
+    try:
+        return _tokenizer_state_ids(tokenizer, layout)
+    except ValueError as exc:
+        raise CheckpointError(f"{exc}. Is this the checkpoint's own tokenizer?") from exc
 
 
 def audio_feature_extractor(config: VitaConfig) -> Any:

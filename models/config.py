@@ -7,19 +7,14 @@ names, vLLM's registry builds it. Placeholder ids and state-token ids live here,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
 
-Layout = Literal["vita15", "vita10"]
+from .state_tokens import StateTokens
 
-# VITA's state tokens: the first generated token says what the user turn was.
-STATE_TOKEN_TEXT: dict[str, dict[str, str]] = {
-    "vita15": {"query": "☞", "noise": "☟", "text": "☜"},
-    "vita10": {"query": "<1>", "noise": "<2>", "text": "<3>"},
-}
+Layout = Literal["vita15", "vita10"]
 
 VITA_ARCHITECTURE = "VitaForConditionalGeneration"
 
@@ -127,18 +122,12 @@ class VitaConfig(PreTrainedConfig):
         return int(self.vision_config.hidden_size / self.downsample_ratio**2)
 
 
-@dataclass(frozen=True)
-class StateTokens:
-    query: int
-    noise: int
-    text: int
-
-
 def state_tokens_of(config: VitaConfig) -> StateTokens | None:
+    """The checkpoint's state tokens (ids and text), or None when it was trained without them."""
     ids = config.state_token_ids
     if not ids:
         return None
-    return StateTokens(query=int(ids["query"]), noise=int(ids["noise"]), text=int(ids["text"]))
+    return StateTokens.for_layout(config.layout, ids)
 
 
 def register_config() -> None:

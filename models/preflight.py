@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checkpoint import CheckpointError, check_tensors, open_checkpoint
-from .config import STATE_TOKEN_TEXT
+from .state_tokens import STATE_TOKEN_TEXT
 
 
 @dataclass

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .config import STATE_TOKEN_TEXT, VITA_ARCHITECTURE, Layout, VitaConfig
+from .config import VITA_ARCHITECTURE, Layout, VitaConfig
 from .layout import checkpoint_shapes
 from .prompts import SYSTEM_PROMPTS
+from .state_tokens import STATE_TOKEN_TEXT
 
 TINY_VOCAB = 512  # embedding rows; the tokenizer uses fewer, placeholders take the last two
 ForcedToken = Literal["query", "noise", "text"]

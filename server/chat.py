@@ -23,7 +23,6 @@ import dataclasses
 import io
 import json
 import logging
-import re
 import time
 import uuid
 import wave
@@ -39,13 +38,19 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.types import Receive, Scope, Send
 
-from duplex.sentences import SentenceChunker, strip_special_tokens
+from duplex.sentences import SentenceChunker
 from duplex.tts import TextOnlyTTS, TextToSpeech, float_to_pcm16, resample
-from models.config import STATE_TOKEN_TEXT
 from models.engine import Delta, EngineInput, Sampling, VitaEngine
 from models.errors import InvalidMediaError
 from models.inputs import user_input
 from models.prompts import Modality, Turn
+from models.state_tokens import (
+    STATE_TOKEN_TEXT,
+    VisibleText,
+    classify_first_token,
+    history_state,
+    reply_token_budget,
+)
 
 from .media import FetchPolicy, MediaURLRefusedError, decode_input_audio, load_image, load_video_frames
 
@@ -304,17 +309,6 @@ async def _add_user_message(
             raise _media_error(exc, param) from None
 
 
-def _with_state_token(engine: VitaEngine, reply: str, user_had_audio: bool) -> str:
-    """An earlier reply as VITA was trained to see it: after its state token (query for speech, text for
-    text). Clients only ever saw replies without it."""
-    if engine.state_tokens is None:
-        return reply
-    tokens = STATE_TOKEN_TEXT[engine.config.layout]
-    if reply.startswith(tuple(tokens.values())):
-        return reply
-    return tokens["query" if user_had_audio else "text"] + reply
-
-
 async def build_prompt(req: ChatRequest, engine: VitaEngine, settings: ServerSettings) -> EngineInput:
     """Messages → one VITA prompt. Consecutive messages of one role merge into one turn."""
     system_texts: list[str] = []
@@ -333,7 +327,10 @@ async def build_prompt(req: ChatRequest, engine: VitaEngine, settings: ServerSet
     for role, indices in blocks[:-1]:
         if role == "assistant":
             text = "\n".join(_plain_text(req.messages[i], i) for i in indices)
-            history.append(Turn("assistant", text=_with_state_token(engine, text, last_user_had_audio)))
+            # As VITA was trained to see it: after its state token, which the client never saw. The
+            # client's text stays plain text (a typed "<2>" or "<|im_end|>" forges nothing).
+            state = history_state(last_user_had_audio) if engine.state_tokens is not None else None
+            history.append(Turn("assistant", text=text, state=state))
             continue
         past = _UserTurn()
         for i in indices:  # VITA drops images and video from history: only text and audio come back
@@ -369,35 +366,6 @@ async def build_prompt(req: ChatRequest, engine: VitaEngine, settings: ServerSet
 
 # --- generation ------------------------------------------------------------------------------------------
 
-# A tail that may still become a special token ("<", "<|im_en"): held back until the next delta decides.
-_PARTIAL_TOKEN_RE = re.compile(r"<[^<>\s]{0,42}\Z")
-
-
-class _VisibleText:
-    """Streamed model text minus state and special tokens, identical however the text was split."""
-
-    def __init__(self) -> None:
-        self._tail = ""  # text not yet emitted: at most a possible special token in the making
-        self._started = False
-
-    def push(self, text: str) -> str:
-        self._tail += text
-        partial = _PARTIAL_TOKEN_RE.search(self._tail)
-        return self._emit(partial.start() if partial else len(self._tail))
-
-    def flush(self) -> str:
-        return self._emit(len(self._tail))
-
-    def _emit(self, cut: int) -> str:
-        # No token can straddle `cut` (it is where a possible token starts), so each part strips alone.
-        ready, self._tail = self._tail[:cut], self._tail[cut:]
-        piece = strip_special_tokens(ready)
-        if not self._started:  # the reply starts after the state token: no leading blank
-            piece = piece.lstrip()
-            self._started = bool(piece)
-        return piece
-
-
 class _Generation:
     """One engine request: its first output is awaited before any response is sent (so a prompt the engine
     rejects is a 400), the state token is split off, and `close` always aborts an unfinished request and
@@ -416,7 +384,7 @@ class _Generation:
         self.completion_tokens = 0
         self._stream: AsyncIterator[Delta] | None = None
         self._first: Delta | None = None
-        self._text = _VisibleText()
+        self._text = VisibleText()
         self._closed = False
 
     @property
@@ -463,10 +431,10 @@ class _Generation:
         assert first is not None
         if not first.token_ids:
             return
-        self.state = _classify(self.engine, first.token_ids[0])
+        self.state = classify_first_token(first.token_ids[0], self.engine.state_tokens)
         if self.state != "unknown":
             token = STATE_TOKEN_TEXT[self.engine.config.layout][self.state]
-            # strip_special_tokens would remove its text too; dropping it here keeps the token count right.
+            # VisibleText would hide its text too; dropping the token here keeps the token count right.
             self._first = dataclasses.replace(
                 first, token_ids=first.token_ids[1:], text=first.text.removeprefix(token)
             )
@@ -498,23 +466,14 @@ def _is_client_error(exc: Exception) -> bool:
     return isinstance(exc, (ValueError, VLLMClientError))
 
 
-def _classify(engine: VitaEngine, token_id: int) -> str:
-    tokens = engine.state_tokens
-    if tokens is None:
-        return "unknown"
-    return {tokens.query: "query", tokens.noise: "noise", tokens.text: "text"}.get(token_id, "unknown")
-
-
 def _pick_engine(engines: list[VitaEngine]) -> VitaEngine:
     return min(engines, key=lambda e: e.num_unfinished())
 
 
 def _sampling(req: ChatRequest, settings: ServerSettings, engine: VitaEngine) -> Sampling:
     wanted = req.max_completion_tokens or req.max_tokens or settings.max_tokens
-    # The state token is generated but not returned: it does not count against the client's budget.
-    extra = 1 if engine.state_tokens is not None else 0
     return Sampling(
-        max_tokens=wanted + extra,
+        max_tokens=reply_token_budget(wanted, engine.state_tokens),  # the state token comes on top
         temperature=settings.temperature if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
     )

@@ -158,6 +158,7 @@ async def _generate(args: argparse.Namespace) -> int:
     from models.engine import EngineSettings, Sampling, VitaEngine
     from models.errors import InvalidMediaError
     from models.inputs import user_input, video_file_frames
+    from models.state_tokens import reply_token_budget
 
     on_gpu = torch.cuda.is_available()
     settings = EngineSettings(
@@ -182,7 +183,9 @@ async def _generate(args: argparse.Namespace) -> int:
         return 2
     first: int | None = None
     try:
-        async for delta in engine.generate(prompt, sampling=Sampling(max_tokens=args.max_tokens)):
+        # --max-tokens counts the reply: the state token comes on top (as in chat and realtime).
+        sampling = Sampling(max_tokens=reply_token_budget(args.max_tokens, engine.state_tokens))
+        async for delta in engine.generate(prompt, sampling=sampling):
             if first is None and delta.token_ids:
                 first = delta.token_ids[0]
                 print(f"[state token] {_describe_state(engine, first)}", flush=True)
@@ -195,12 +198,13 @@ async def _generate(args: argparse.Namespace) -> int:
 
 
 def _describe_state(engine, token_id: int) -> str:  # type: ignore[no-untyped-def]
+    from models.state_tokens import classify_first_token
+
     text = engine.tokenizer.decode([token_id])
-    states = engine.state_tokens
-    if states is None:
+    if engine.state_tokens is None:
         return f"{token_id} {text!r} (checkpoint has no state tokens)"
-    kind = {states.query: "query", states.noise: "noise", states.text: "text"}.get(token_id, "not a state token")
-    return f"{token_id} {text!r} ({kind})"
+    kind = classify_first_token(token_id, engine.state_tokens)
+    return f"{token_id} {text!r} ({'not a state token' if kind == 'unknown' else kind})"
 
 
 if __name__ == "__main__":

@@ -445,7 +445,9 @@ class RealtimeConnection:
         self.session.feed(UserItem(tuple(parts)))
 
     def to_16k_once(self, samples: np.ndarray) -> np.ndarray:
-        return StreamResampler(self.fmt_in.rate, 16000)(samples)
+        """A whole clip (an item's audio): equal to resampling it offline, as upstream does."""
+        resampler = StreamResampler(self.fmt_in.rate, 16000)
+        return np.concatenate([resampler(samples), resampler.flush()])
 
     def _on_truncate(self, event: ItemTruncate) -> None:
         response_id = self.item_to_response.get(event.item_id)
@@ -596,7 +598,8 @@ class RealtimeConnection:
             return []
         pcm = np.asarray(action.pcm, dtype=np.float32)[action.offset : action.offset + action.num_samples]
         if self.fmt_out.rate != OUTPUT_RATE:
-            pcm = StreamResampler(OUTPUT_RATE, self.fmt_out.rate)(pcm)
+            resampler = StreamResampler(OUTPUT_RATE, self.fmt_out.rate)
+            pcm = np.concatenate([resampler(pcm), resampler.flush()])
         wire.audio_ms += 1000 * action.num_samples / OUTPUT_RATE
         data = base64.b64encode(encode(pcm, self.fmt_out)).decode()
         return [{"type": "response.output_audio.delta", "response_id": wire.response_id, "item_id": wire.item_id,

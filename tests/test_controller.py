@@ -619,6 +619,19 @@ def test_text_only_output_completes_at_generation_end() -> None:
     assert s.ctl.history.turns()[0].assistant == "☞Hi."
 
 
+def test_a_special_token_split_across_deltas_is_never_shown_nor_spoken() -> None:
+    s = Session()
+    request = s.segment()
+    actions = s.send(TokenDelta(request, (QUERY, WORD), "☞ Yes.<|im_"), TokenDelta(request, (WORD,), "end|>"))
+    actions += s.send(TokenDelta(request, (WORD,), " Fine <"), GenerationEnded(request, "stop"))
+    assert "".join(e.delta for e in only(actions, EmitText)) == "Yes. Fine <"  # a held "<" was text
+    assert [a.text for a in only(actions, Speak)] == ["Yes.", "Fine <"]
+    response = one(actions, ResponseStarted).response_id
+    s.synthesize(only(s.log, Speak))
+    s.send(PlaybackPosition(response, s.client.play(response), reply_to_pause=False))
+    assert s.ctl.history.turns()[0].assistant == "☞Yes. Fine <"
+
+
 def test_frames_go_into_the_next_turn() -> None:
     s = Session(max_frames=2)
     s.send(*(FrameCaptured(f"f{i}", i * 8000) for i in range(8)))  # every 0.5 s, up to 3.5 s

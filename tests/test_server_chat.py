@@ -82,17 +82,6 @@ def assert_clean_reply(completion, served: str) -> str:
     return content
 
 
-def test_visible_text_is_the_same_however_split() -> None:
-    from server.chat import _VisibleText
-
-    raw = "☞ Hello<|im_end|> wor<3>ld ☜<b> a<|x"
-    for i in range(len(raw) + 1):
-        for j in range(i, len(raw) + 1):
-            text = _VisibleText()
-            out = text.push(raw[:i]) + text.push(raw[i:j]) + text.push(raw[j:]) + text.flush()
-            assert out == "Hello world <b> a<|x", (i, j)
-
-
 def test_text_only_tts_gives_a_warning_not_audio() -> None:
     from types import SimpleNamespace
 

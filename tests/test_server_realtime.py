@@ -159,7 +159,7 @@ async def test_max_output_tokens_is_honoured_and_capped_by_the_server(server_url
         await ws.send(json.dumps({"type": "response.create"}))
         events = await _until(ws, "response.done")
         deltas = [e for e in events if e["type"] == "response.output_text.delta"]
-        assert 1 <= len(deltas) <= 4, len(deltas)  # the state token counts too: at most 4 visible tokens
+        assert 1 <= len(deltas) <= 4, len(deltas)  # the state token comes on top: at most 4 visible tokens
         assert events[-1]["response"]["status_details"]["reason"] == "max_output_tokens"
         for asked in ("inf", 10**6):  # above the server's ceiling: the ceiling
             await ws.send(json.dumps({"type": "session.update", "session": {"max_output_tokens": asked}}))
