@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar, Literal, Protocol
 
+import numpy as np
+
 from duplex.events import (
     AbortGeneration,
     Action,
@@ -747,16 +749,16 @@ class DuplexController:
         self._now = max(self._now, sample)
 
     def _frames_before(self, end: int) -> tuple[object, ...]:
-        """Up to max_frames camera frames from the window before ``end``, spread evenly, newest last."""
+        """Exactly max_frames camera frames from the window before ``end`` (none if it holds none), as VITA-1.5's
+        demo picks them: `np.linspace(0, n - 1, max_frames, dtype=int)`, spread when there are more frames,
+        repeated when there are fewer; oldest first."""
         window = [
             f.frame for f in self._frames if end - self._settings.frame_window_samples <= f.sample <= end
         ]
         count = self._settings.max_frames
-        if len(window) <= count:
-            return tuple(window)
-        if count == 1:
-            return (window[-1],)
-        return tuple(window[round(i * (len(window) - 1) / (count - 1))] for i in range(count))
+        if not window or count == 0:
+            return ()
+        return tuple(window[int(i)] for i in np.linspace(0, len(window) - 1, num=count, dtype=int))
 
     def _prompt(
         self, user: tuple[UserPart, ...], frames: tuple[object, ...], instructions: str | None

@@ -1,10 +1,14 @@
 """Deployment files: linted and validated offline (hadolint, yamllint, kubernetes-validate, the Compose
-schema), checked for what they promise (GPUs, probes, non-root, keys from secrets), and the post-rollout
-smoke check (`vita-duplex smoke`) against a real CPU server and against a port where nothing listens."""
+schema), checked for what they promise (GPUs, probes, non-root, keys from secrets, the checkpoint by hub id
+from a read-only offline HF cache, the preflight before the server), the preflight commands exactly as the
+Compose and Kubernetes files write them run against an HF cache laid out as the published repos, and the
+post-rollout smoke check (`vita-duplex smoke`) against a real CPU server and against a port where nothing
+listens."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,7 +24,7 @@ from tests.conftest import API_KEY, _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-K8S = sorted((DEPLOY / "k8s").glob("*.yaml"))
+K8S = sorted((DEPLOY / "k8s").rglob("*.yaml"))  # with fill-hf-cache/job.yaml (applied on its own)
 COMPOSE = {name: DEPLOY / "compose" / f"{name}.yaml" for name in ("two-gpus", "one-gpu")}
 
 
@@ -44,6 +48,24 @@ def _load(path: Path) -> dict:
 
 def _env(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container["env"]}
+
+
+def _values(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def _k8s_docs() -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in (_load(p) for p in K8S)}
+
+
+def _is_hub_id(model: str) -> bool:
+    from models.checkpoint import is_hub_id
+
+    return is_hub_id(model) and not Path(model).is_absolute()
+
+
+# What the server reads from the environment to find the checkpoint (the preflight must read the same).
+MODEL_ENV = ("VITA_MODELS", "HF_HOME", "HF_HUB_OFFLINE")
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------
@@ -87,13 +109,13 @@ def test_kubernetes_manifests_validate_offline(version: str | None) -> None:
 
 
 def test_kubernetes_deployment_gpus_probes_secrets_and_security() -> None:
-    docs = {(d["kind"], d["metadata"]["name"]): d for d in (_load(p) for p in K8S)}
+    docs = _k8s_docs()
     deployment = docs["Deployment", "vita-duplex"]
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
     env = _env(container)
-    assert env["VITA_GPU_IDS"]["value"] == "0,1" and env["VITA_MODELS"]["value"].startswith("/models/")
+    assert env["VITA_GPU_IDS"]["value"] == "0,1"
     assert env["VITA_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "vita-duplex-api-keys"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
@@ -102,10 +124,6 @@ def test_kubernetes_deployment_gpus_probes_secrets_and_security() -> None:
     security = pod["spec"]["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001  # the Dockerfile's USER
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    models = volumes[mounts["/models"]["name"]]
-    assert models["persistentVolumeClaim"]["claimName"] in {n for k, n in docs if k == "PersistentVolumeClaim"}
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
     assert annotations["prometheus.io/port"] == str(container["ports"][0]["containerPort"]) == "8000"
@@ -114,6 +132,57 @@ def test_kubernetes_deployment_gpus_probes_secrets_and_security() -> None:
     assert service["spec"]["sessionAffinity"] == "ClientIP"
     assert service["spec"]["selector"] == pod["metadata"]["labels"]
     assert service["spec"]["ports"][0]["targetPort"] == container["ports"][0]["name"]
+
+
+def test_kubernetes_serves_a_hub_id_from_the_read_only_hf_cache_pvc() -> None:
+    docs = _k8s_docs()
+    pod = docs["Deployment", "vita-duplex"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = _values(container)
+    assert env["VITA_MODELS"] == "VITA-MLLM/VITA-1.5" and _is_hub_id(env["VITA_MODELS"])
+    assert env["HF_HUB_OFFLINE"] == "1"  # pods never download
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    cache = mounts[env["HF_HOME"]]
+    assert cache["readOnly"] is True
+    assert not env["HF_HOME"].startswith("/home/vita/")  # a mount in the $HOME emptyDir makes ~/.cache root's
+    claim = {v["name"]: v for v in pod["volumes"]}[cache["name"]]["persistentVolumeClaim"]
+    assert claim["readOnly"] is True and ("PersistentVolumeClaim", claim["claimName"]) in docs
+
+
+def test_kubernetes_preflight_init_container_checks_what_the_server_will_load() -> None:
+    docs = _k8s_docs()
+    pod = docs["Deployment", "vita-duplex"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (init,) = pod["initContainers"]
+    assert init["name"] == "preflight" and init["image"] == container["image"]
+    assert init["command"] == ["vita-duplex", "inspect", "$(VITA_MODELS)"]  # the image's ENTRYPOINT replaced
+    assert {k: v for k, v in _values(init).items() if k in MODEL_ENV} == {
+        k: v for k, v in _values(container).items() if k in MODEL_ENV}
+    assert "nvidia.com/gpu" not in init["resources"].get("limits", {})  # no GPU
+    assert "nvidia.com/gpu" not in init["resources"].get("requests", {})
+    assert init["securityContext"] == container["securityContext"]
+    init_mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
+    cache = {m["mountPath"]: m for m in container["volumeMounts"]}[_values(container)["HF_HOME"]]
+    assert init_mounts[cache["mountPath"]] == cache  # the same volume, read-only
+
+    # The job that fills the cache: the same model into the same claim, the only place downloads are allowed.
+    job = docs["Job", "vita-duplex-fill-hf-cache"]["spec"]["template"]["spec"]
+    (fill,) = job["containers"]
+    assert fill["command"] == init["command"] and fill["image"] == container["image"]
+    fill_env = _values(fill)
+    assert fill_env["HF_HUB_OFFLINE"] == "0"
+    init_env = _values(init)
+    assert (fill_env["VITA_MODELS"], fill_env["HF_HOME"]) == (init_env["VITA_MODELS"], init_env["HF_HOME"])
+    fill_cache = {m["mountPath"]: m for m in fill["volumeMounts"]}[fill_env["HF_HOME"]]
+    assert not fill_cache.get("readOnly", False)
+    fill_claim = {v["name"]: v for v in job["volumes"]}[fill_cache["name"]]["persistentVolumeClaim"]
+    serve_claim = {v["name"]: v for v in pod["volumes"]}[cache["name"]]["persistentVolumeClaim"]
+    assert fill_claim["claimName"] == serve_claim["claimName"]
+    assert job["securityContext"] == pod["securityContext"]
+    assert fill["securityContext"] == container["securityContext"]
+    service = docs["Service", "vita-duplex"]["spec"]["selector"]
+    assert not service.items() <= docs["Job", "vita-duplex-fill-hf-cache"]["spec"]["template"]["metadata"][
+        "labels"].items()  # the job's pod takes no traffic
 
 
 def test_compose_files_match_the_compose_specification() -> None:
@@ -138,10 +207,122 @@ def test_compose_gpu_placement(name: str, host_gpus: list[str], gpu_ids: str) ->
     assert env["VITA_GPU_IDS"] == gpu_ids and env["VITA_ENGINES"] == "2"
     assert float(env["VITA_GPU_MEMORY_UTILIZATION"]) == 0.9
     assert "VITA_API_KEYS" not in env and service["env_file"] == "vita.env"  # keys stay out of the file
-    assert any(re.search(r":/models:ro$", v) for v in service["volumes"])  # the checkpoints, read-only
     assert "/ready" in " ".join(service["healthcheck"]["test"]) and service["restart"] == "unless-stopped"
     example = (DEPLOY / "compose" / "vita.env.example").read_text()
     assert re.search(r"^VITA_API_KEYS=", example, re.MULTILINE)
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's variable interpolation: ${NAME:-default}, ${NAME}, and $$ for a literal $."""
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1)) or (match.group(2) or "")
+
+    return re.sub(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}", one, text)
+
+
+@pytest.mark.parametrize("name", list(COMPOSE))
+def test_compose_serves_a_hub_id_from_the_read_only_hf_cache(name: str) -> None:
+    services = _load(COMPOSE[name])["services"]
+    for service in (services["vita"], services["preflight"]):
+        env = service["environment"]
+        assert env["VITA_MODELS"] == "${VITA_MODEL:-VITA-MLLM/VITA-1.5}"
+        assert _is_hub_id(_interpolate(env["VITA_MODELS"], {}))
+        assert env["HF_HUB_OFFLINE"] == "1"  # nothing is downloaded at run time
+        cache = [v for v in service["volumes"] if v.endswith(f":{env['HF_HOME']}:ro")]
+        expected = "${HF_CACHE_DIR:-~/.cache/huggingface}:/home/vita/.cache/huggingface:ro"
+        assert cache == [expected], service["volumes"]
+    assert "/models" not in " ".join(services["vita"]["volumes"])  # a local directory only as a comment
+    assert "# - ${VITA_MODEL_DIR:-./models}:/models:ro" in COMPOSE[name].read_text()
+
+
+@pytest.mark.parametrize("name", list(COMPOSE))
+def test_compose_preflight_runs_before_the_server_without_a_gpu(name: str) -> None:
+    services = _load(COMPOSE[name])["services"]
+    vita, preflight = services["vita"], services["preflight"]
+    assert vita["depends_on"] == {"preflight": {"condition": "service_completed_successfully"}}
+    assert preflight["image"] == vita["image"] and "build" not in preflight  # the image `vita` builds
+    assert "deploy" not in preflight and "gpus" not in preflight and "runtime" not in preflight
+    assert [preflight["environment"][k] for k in MODEL_ENV] == [vita["environment"][k] for k in MODEL_ENV]
+    assert preflight["restart"] == "no" and preflight["healthcheck"] == {"disable": True}
+    assert preflight["entrypoint"] == ["/bin/sh", "-c"]
+    (script,) = preflight["command"]
+    assert 'vita-duplex inspect "$$model"' in script and "$$VITA_MODELS" in script  # the container's variable
+
+
+# --- the preflight, run as deployed ---------------------------------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _cache_repo(hf_home: Path, repo: str, files_from: Path, subfolder: str = "") -> None:
+    """One repo in the HF cache layout (hub/models--owner--name/refs/main -> snapshots/<commit>/), as
+    `hf download` or a first online start leaves it."""
+    root = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    shutil.copytree(files_from, root / "snapshots" / COMMIT / subfolder)
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF cache with a tiny VITA-1.5 published as VITA-MLLM/VITA-1.5 is (training format, the checkpoint in
+    the repo's VITA1.5_ckpt/ folder, the vision tower named by hub id) and the tower repo beside it."""
+    from models.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("deploy-hf")
+    ckpt = build_tiny("vita15", root / "build" / "ckpt", seed=3, config_format="training",
+                      vision_tower="OpenGVLab/InternViT-300M-448px", audio_encoder="/not/in/the/image")
+    home = root / "hf-home"
+    _cache_repo(home, "VITA-MLLM/VITA-1.5", ckpt, "VITA1.5_ckpt")
+    _cache_repo(home, "OpenGVLab/InternViT-300M-448px", root / "build" / "ckpt-InternViT")
+    return home
+
+
+def _run_as_deployed(command: list[str], env: dict[str, str], hf_home: Path) -> subprocess.CompletedProcess:
+    """`command` with the service's environment; the mounted cache is `hf_home` (HF_HOME moved there)."""
+    bin_dir = str(Path(sys.executable).parent)  # vita-duplex
+    full = {**os.environ, **env, "HF_HOME": str(hf_home), "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    full.pop("HF_HUB_CACHE", None)
+    return subprocess.run(command, cwd=ROOT, env=full, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def test_compose_preflight_passes_on_the_cache_and_fails_without_it(hf_home: Path, tmp_path: Path) -> None:
+    preflight = _load(COMPOSE["two-gpus"])["services"]["preflight"]
+    command = [*preflight["entrypoint"], *(_interpolate(c, {}) for c in preflight["command"])]
+    env = {k: _interpolate(v, {}) for k, v in preflight["environment"].items()}
+    result = _run_as_deployed(command, env, hf_home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "model: VITA-MLLM/VITA-1.5" in out and "VITA1.5_ckpt" in out  # the repo's checkpoint folder
+    assert "config format: training" in out and "layout: vita15" in out
+    assert "mm_vision_tower OpenGVLab/InternViT-300M-448px (" in out  # its config.json, from the cache
+    assert out.rstrip().endswith("OK: 0 problem(s), 0 warning(s)")
+
+    # Two checkpoints: each is checked, and one missing fails the preflight.
+    env_two = {**env, "VITA_MODELS": "VITA-MLLM/VITA-1.5,VITA-MLLM/VITA-1.0"}
+    result = _run_as_deployed(command, env_two, hf_home)
+    assert result.returncode == 1 and result.stdout.count("model: ") == 2, result.stdout + result.stderr
+
+    empty = tmp_path / "empty-hf-home"
+    empty.mkdir()
+    result = _run_as_deployed(command, env, empty)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "problem: hub model 'VITA-MLLM/VITA-1.5' is not in the local HF cache" in result.stdout
+    assert result.stdout.rstrip().endswith("FAILED: 1 problem(s), 0 warning(s)")
+
+
+def test_kubernetes_preflight_command_passes_on_the_cache(hf_home: Path) -> None:
+    pod = _k8s_docs()["Deployment", "vita-duplex"]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    env = _values(init)
+    # $(NAME) expanded from the container's env, as the kubelet does
+    command = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in init["command"]]
+    result = _run_as_deployed(command, env, hf_home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "model: VITA-MLLM/VITA-1.5" in result.stdout and "OK: 0 problem(s)" in result.stdout
 
 
 def test_prometheus_scrapes_the_annotated_pods() -> None:
