@@ -288,7 +288,7 @@ def _from_training(raw: Mapping[str, Any], layout: Layout, shapes: Mapping[str, 
     vision = _vision_config(raw.get("mm_vision_tower"), shapes, ckpt)
     audio = _audio_config(raw.get("mm_audio_encoder"), shapes, ckpt)
     return VitaConfig(text_config=text, vision_config=vision, audio_config=audio, layout=layout,
-                      tie_word_embeddings=bool(text.get("tie_word_embeddings", False)))
+                      tie_word_embeddings=bool(text.get("tie_word_embeddings", False)), dtype=_stored_dtype(text))
 
 
 def _from_port(raw: Mapping[str, Any], layout: Layout, shapes: Mapping[str, tuple[int, ...]],
@@ -313,7 +313,13 @@ def _from_port(raw: Mapping[str, Any], layout: Layout, shapes: Mapping[str, tupl
             ckpt.sources[key] = f"ignored the port's {raw[key]} (a word of the vocabulary); a safe row is used"
     top = {k: raw[k] for k in ("downsample_ratio", "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail")
            if k in raw}
-    return VitaConfig(text_config=text, vision_config=vision, audio_config=audio, layout=layout, **top)
+    return VitaConfig(text_config=text, vision_config=vision, audio_config=audio, layout=layout,
+                      dtype=_stored_dtype(text), **top)
+
+
+def _stored_dtype(text: Mapping[str, Any]) -> Any:
+    """The weights' dtype as the text config states it (vLLM's dtype "auto" serves that: bf16 for VITA)."""
+    return text.get("torch_dtype") or text.get("dtype")
 
 
 def _vision_config(location: Any, shapes: Mapping[str, tuple[int, ...]], ckpt: Checkpoint) -> dict[str, Any]:

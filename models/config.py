@@ -130,12 +130,24 @@ def state_tokens_of(config: VitaConfig) -> StateTokens | None:
     return StateTokens.for_layout(config.layout, ids)
 
 
+# The published config formats other than ours (see models/checkpoint.py). Code that reads config.json with
+# the HF config classes (vLLM's tokenizer loader, AutoTokenizer) must not fail on them; `models.checkpoint`
+# converts them to VitaConfig, and `auto_map` code in them is never run.
+PUBLISHED_MODEL_TYPES = ("vita-Qwen2", "vita-mixtral", "qwen2_multimodal", "mixtral_multimodal")
+
+
+def _plain_config_class(model_type: str) -> type[PreTrainedConfig]:
+    """A config class that only holds a published config.json as data."""
+    return type(f"Published_{model_type.replace('-', '_')}_Config", (PreTrainedConfig,), {"model_type": model_type})
+
+
 def register_config() -> None:
-    """Make `AutoConfig.from_pretrained` understand `model_type: vita` (idempotent)."""
-    try:
-        AutoConfig.register("vita", VitaConfig)
-    except ValueError:
-        pass  # already registered in this process
+    """Make `AutoConfig.from_pretrained` understand `model_type: vita` and read the other published formats as
+    plain data (idempotent)."""
+    for model_type, cls in (("vita", VitaConfig), *((t, None) for t in PUBLISHED_MODEL_TYPES)):
+        if model_type in CONFIG_MAPPING:
+            continue  # already registered in this process
+        AutoConfig.register(model_type, cls or _plain_config_class(model_type))
 
 
 def published_config(layout: Layout) -> VitaConfig:
