@@ -348,8 +348,8 @@ def _audio_config(location: Any, shapes: Mapping[str, tuple[int, ...]], ckpt: Ch
 
             values, notes = audio_config_from_train_yaml(yaml_file)
             ckpt.sources["audio_config"] = f"mm_audio_encoder {location} ({yaml_file})"
-            for note in notes:
-                ckpt.sources[f"audio_config note {len(ckpt.sources)}"] = note
+            if notes:
+                ckpt.sources["audio_config notes"] = "; ".join(notes)
         else:
             ckpt.sources["audio_config"] = f"mm_audio_encoder {location} has no train.yaml here: tensor shapes + defaults"
         cmvn_file = resolve_repo_file(location, "global_cmvn")
