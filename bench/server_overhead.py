@@ -65,7 +65,7 @@ from websockets.asyncio.client import connect
 
 from duplex.events import TurnPrompt
 from duplex.runtime import DuplexSession
-from duplex.vad import SileroModel, SpeechEnded, VadParams, VadStream
+from duplex.vad import SileroModel, VadParams, VadSpeechEnd, VadStream
 from models.engine import Sampling, VitaEngine
 from models.tiny import build_tiny
 from server.engines import engine_settings, placements
@@ -107,7 +107,7 @@ def segment_of(pcm: np.ndarray, params: VadParams, model: SileroModel) -> tuple[
     for k, i in enumerate(range(0, len(samples), CHUNK)):
         stream.push(samples[i : i + CHUNK])
         for event in stream.process(model):
-            if isinstance(event, SpeechEnded):
+            if isinstance(event, VadSpeechEnd):
                 return event.audio, event.end_sample, k
     raise RuntimeError("VAD found no complete segment in the trial clip")
 

@@ -1,37 +1,43 @@
-"""The duplex policy of one session, as a sans-I/O state machine (in the manner of h11/wsproto).
+"""The duplex policy of one session, as a sans-I/O state table (in the manner of h11's ``_state.py``).
 
-``DuplexController.handle(event) -> list[Action]``: no asyncio, no clock, no engine, TTS or socket
-calls. A runtime feeds it VAD, engine, TTS, pacer and client events (`duplex.events`) and carries out
-the actions it returns, in order.
+``DuplexController.handle(event) -> list[Action]``: no asyncio, no clock, no engine, TTS or socket calls.
+A runtime feeds it VAD, engine, TTS, pacer and client events (`duplex.events`) and carries out the
+actions it returns, in order.
 
-The policy in short:
-
-* Two roles: the *generator* engine answers, the *monitor* engine takes each new user turn as a
-  *probe* request (one-engine mode: both are concurrent requests on engine 0). VITA's first generated
-  token is a state token: ☞/<1> query, ☟/<2> noise, ☜/<3> text query.
-* Noise → abort the probe at once; nothing is said, nothing enters history. Query → the probe *becomes*
-  the answer (no second prefill): the old answer is cancelled (``turn_detected``) and the roles swap.
-* Barge-in: speech (or typed text) that starts while an answer is audible *holds* the output. The first
-  hold sends `PauseOutput`; the pacer replies with the played position and output rewinds there, so a
-  noise verdict resumes with nothing lost and a query verdict cancels with an exact played position.
-* Speech out: transcript deltas go out as they come; sentences go to TTS; audio is laid out per
-  sentence on the response's output timeline and emitted only for the current answer when not held.
-* A response with audio completes once its generation stopped, every sentence was synthesized and the
-  client played everything (the pacer reports it). Completing merely on "emitted" would end the
-  response seconds before the user stops hearing it, and barge-in during that tail could no longer
-  pause or truncate it.
+* Two roles: the *generator* engine answers; the *monitor* engine takes each new user turn as a *probe*
+  (one-engine mode: both are requests on engine 0). VITA's first token is a state token: ☞/<1> query,
+  ☟/<2> noise, ☜/<3> text query. Noise → abort the probe; nothing is said or kept. Query → the probe
+  *becomes* the answer (no second prefill), the old answer is cancelled (``turn_detected``), roles swap.
+* Barge-in: speech or typed text *holds* the output while an answer is audible. The first hold sends
+  `PauseOutput`; the pacer replies with the played position and output rewinds there, so a noise verdict
+  resumes with nothing lost and a query verdict cancels with an exact played position.
+* Speech out: transcript deltas go out as they come, sentences go to TTS, their audio is laid out on the
+  answer's output timeline (`duplex.timeline`). An answer with audio completes once generation stopped,
+  every sentence was synthesized and the client played it all (the pacer says so), not when the audio
+  was merely sent: a barge-in during the tail can still pause or truncate it.
 * History (`duplex.history`) keeps what the user actually heard.
+
+States: an event is judged by the state of what it is about.
+
+* `Turn`, the user's side: IDLE → SPEAKING (a VAD segment is open) → CLASSIFYING (a probe awaits VITA's
+  verdict). Speech, frame, text, item and settings events key on it; a probe's engine events key on
+  CLASSIFYING, the state of the turn it judges.
+* `Answer`: NONE → [FIRST_TOKEN →] STREAMING → DRAINING → NONE. Response requests, cancels, truncations
+  and the answer's engine events key on it.
+* `Output`, the answer's audio: PLAYING, HELD or PAUSED; SILENT without audio. TTS and playback events
+  key on it. The holds move it after every event (state-triggered, as in h11), in `_sync_output`.
+* `Ended`: the request or response the event names is over, or never was.
+
+`TRANSITIONS[(state, event type)]` names the handler; `LATE` holds the pairs of expected late output,
+which are dropped. Any other pair is a runtime bug: `IllegalTransition`.
 """
 
 from __future__ import annotations
 
-import bisect
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields, replace
-from typing import ClassVar, Literal, Protocol
-
-import numpy as np
+from dataclasses import dataclass, fields, replace
+from enum import Enum
+from typing import Any, Literal, Protocol
 
 from duplex.events import (
     AbortGeneration,
@@ -40,7 +46,6 @@ from duplex.events import (
     ClearOutput,
     ClientCancel,
     ClientTruncate,
-    EmitAudio,
     EmitText,
     Error,
     Event,
@@ -59,7 +64,6 @@ from duplex.events import (
     ResponseStatus,
     ResponseTruncated,
     ResumeOutput,
-    Role,
     RolesSwapped,
     SegmentClassified,
     SegmentKind,
@@ -80,10 +84,24 @@ from duplex.events import (
     UserItem,
     UserPart,
 )
-from duplex.history import History, SpokenSentence
+from duplex.history import History
+from duplex.sentences import SentenceChunker
+from duplex.timeline import FrameWindow, SpeechTimeline
 from models.state_tokens import StateTokens, VisibleText, classify_first_token
 
-__all__ = ["ControllerSettings", "DuplexController", "SimpleChunker", "StateTokens"]
+__all__ = [
+    "LATE",
+    "TRANSITIONS",
+    "Answer",
+    "Chunker",
+    "ControllerSettings",
+    "DuplexController",
+    "Ended",
+    "IllegalTransition",
+    "Output",
+    "StateTokens",
+    "Turn",
+]
 
 # --- settings -----------------------------------------------------------------------------------
 
@@ -120,44 +138,110 @@ class ControllerSettings:
             raise ValueError("output_sample_rate must be > 0, max_frames and frame_window_samples >= 0")
 
 
-# --- sentence chunking --------------------------------------------------------------------------
-
-
 class Chunker(Protocol):
-    """Cuts streamed text into sentences to speak (`duplex.sentences.SentenceChunker` fits)."""
+    """Cuts streamed text into sentences to speak (`duplex.sentences.SentenceChunker`)."""
 
     def push(self, delta: str) -> list[str]: ...
 
     def flush(self) -> list[str]: ...
 
 
-class SimpleChunker:
-    """Default chunker: cut after . ! ? followed by whitespace, and after newlines and CJK 。！？."""
-
-    _HARD = "\n。！？"
-    _SOFT = ".!?"
-
-    def __init__(self) -> None:
-        self._buffer = ""
-
-    def push(self, delta: str) -> list[str]:
-        self._buffer += delta
-        out: list[str] = []
-        start = 0
-        buf = self._buffer
-        for i, ch in enumerate(buf):
-            if ch in self._HARD or (ch in self._SOFT and i + 1 < len(buf) and buf[i + 1].isspace()):
-                out.append(buf[start : i + 1])
-                start = i + 1
-        self._buffer = buf[start:]
-        return [s.strip() for s in out if s.strip()]
-
-    def flush(self) -> list[str]:
-        rest, self._buffer = self._buffer.strip(), ""
-        return [rest] if rest else []
+# --- the states ---------------------------------------------------------------------------------
 
 
-# --- per-session state --------------------------------------------------------------------------
+class Turn(Enum):
+    IDLE = "idle"
+    SPEAKING = "speaking"  # a VAD segment is open (it holds the output)
+    CLASSIFYING = "classifying"  # a probe awaits VITA's first token (it holds the output)
+
+
+class Answer(Enum):
+    NONE = "none"
+    FIRST_TOKEN = "first_token"  # a forced answer learns its state token from its first token
+    STREAMING = "streaming"  # generating: transcript and sentences go out
+    DRAINING = "draining"  # generation stopped; the last sentences are synthesized and played
+
+
+class Output(Enum):
+    SILENT = "silent"  # no answer, or a text-only one
+    PLAYING = "playing"  # audio goes out (once every pause reply is in)
+    HELD = "held"  # held by the user while nothing was in flight: the client was not told
+    PAUSED = "paused"  # held with a PauseOutput in effect: a ResumeOutput is owed
+
+
+class Ended(Enum):
+    REQUEST = "request_ended"  # finished, aborted or unknown request id
+    RESPONSE = "response_ended"  # a response that is not the current one
+
+
+State = Turn | Answer | Output | Ended
+
+
+class IllegalTransition(RuntimeError):
+    """An event that cannot happen in the state it is about: the runtime broke the event protocol
+    (`duplex.events`). Client input never raises it; it gets `Error` actions."""
+
+    def __init__(self, state: State, event: Event) -> None:
+        super().__init__(
+            f"{type(event).__name__} is not allowed in state {type(state).__name__}.{state.name}: "
+            f"{event!r}; the allowed pairs are duplex.controller.TRANSITIONS and LATE"
+        )
+        self.state = state
+        self.event = event
+
+
+_LIVE = (Answer.FIRST_TOKEN, Answer.STREAMING, Answer.DRAINING)
+_AUDIBLE = (Output.PLAYING, Output.HELD, Output.PAUSED)
+
+# (state of what the event is about, event type) -> DuplexController method.
+TRANSITIONS: dict[tuple[State, type[Event]], str] = {
+    # the user's turn
+    (Turn.IDLE, SpeechStarted): "_open_speech",
+    (Turn.CLASSIFYING, SpeechStarted): "_open_speech",
+    (Turn.SPEAKING, SpeechStarted): "_repeated_start",  # changes nothing
+    (Turn.SPEAKING, SpeechEnded): "_close_speech",
+    (Turn.IDLE, SpeechEnded): "_close_speech",  # a segment whose start the echo gate withheld
+    (Turn.CLASSIFYING, SpeechEnded): "_close_speech",
+    (Turn.SPEAKING, SpeechDiscarded): "_drop_speech",
+    (Turn.IDLE, SpeechDiscarded): "_drop_unannounced",  # its start was never announced
+    (Turn.CLASSIFYING, SpeechDiscarded): "_drop_unannounced",
+    **{(turn, FrameCaptured): "_frame" for turn in Turn},
+    **{(turn, TextInput): "_text_turn" for turn in Turn},
+    **{(turn, UserItem): "_user_item" for turn in Turn},
+    **{(turn, SessionUpdated): "_update_session" for turn in Turn},
+    # VITA's verdict on a turn: its probe's first token
+    (Turn.CLASSIFYING, TokenDelta): "_classify",
+    (Turn.CLASSIFYING, GenerationEnded): "_probe_ended",
+    # the answer
+    (Answer.NONE, ResponseRequested): "_respond",
+    **{(answer, ResponseRequested): "_respond_busy" for answer in _LIVE},
+    (Answer.FIRST_TOKEN, TokenDelta): "_first_token",
+    (Answer.STREAMING, TokenDelta): "_answer_delta",
+    (Answer.FIRST_TOKEN, GenerationEnded): "_answer_ended",
+    (Answer.STREAMING, GenerationEnded): "_answer_ended",
+    (Answer.NONE, ClientCancel): "_cancel_nothing",
+    **{(answer, ClientCancel): "_cancel" for answer in _LIVE},
+    **{(answer, ClientTruncate): "_truncate_answer" for answer in _LIVE},
+    (Ended.RESPONSE, ClientTruncate): "_truncate_history",
+    # its output
+    **{(output, SpeechSynthesized): "_audio" for output in _AUDIBLE},
+    **{(output, SentenceSynthesized): "_sentence_done" for output in _AUDIBLE},
+    **{(output, PlaybackPosition): "_played" for output in Output},
+    (Ended.RESPONSE, PlaybackPosition): "_late_played",  # a late pause reply still corrects history
+}
+
+# Expected late output of what is over: dropped.
+LATE: frozenset[tuple[State, type[Event]]] = frozenset(
+    {
+        (Ended.REQUEST, TokenDelta),  # in flight when we aborted the request
+        (Ended.REQUEST, GenerationEnded),  # the engine confirming our AbortGeneration
+        (Ended.RESPONSE, SpeechSynthesized),  # TTS on its way when the answer ended
+        (Ended.RESPONSE, SentenceSynthesized),
+    }
+)
+
+
+# --- per-session data ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -171,52 +255,19 @@ class _Segment:
 
 
 @dataclass
-class _Chunk:
-    sentence_index: int
-    start: int  # output sample of the response
-    num_samples: int
-    pcm: object
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_samples
-
-
-@dataclass
-class _Sentence:
-    index: int
-    text: str
-    char_end: int
-    audio_start: int | None = None
-    audio_end: int | None = None
-    finished: bool = False  # TTS reported SentenceSynthesized
-    waiting: list[tuple[object, int]] = field(default_factory=list)  # chunks before its turn to lay out
-
-
-@dataclass
 class _Response:
     response_id: str
     request_id: str | None  # None once its generation ended
-    segment: _Segment
     user: tuple[UserPart, ...]
-    audio: bool
     chunker: Chunker
     visible: VisibleText  # raw model text -> transcript (no state/special tokens, even split ones)
+    state: Answer
+    output: Output
     prefix: str = ""  # state token text, as it goes into history
-    awaiting_first_token: bool = False  # forced answers learn their state token from it
     text: str = ""  # transcript so far
-    spoken_chars: int = 0  # text[:spoken_chars] went to TTS
-    sentences: list[_Sentence] = field(default_factory=list)
-    layout_index: int = 0  # the sentence whose audio is being appended to the timeline
-    timeline: list[_Chunk] = field(default_factory=list)
-    starts: list[int] = field(default_factory=list)  # chunk starts, for bisect
-    total: int = 0  # output samples laid out
-    cursor: int = 0  # output samples handed to the runtime (rewinds on a pause reply)
-    played: int = 0  # output samples the client played, as reported (<= cursor)
-    held: bool = False  # output held by speech in progress or a pending verdict
-    pause_sent: bool = False  # a PauseOutput is in effect (a ResumeOutput is owed)
-    pause_replies: int = 0  # PauseOutput replies not yet received
-    finish: FinishReason | None = None  # generation end (stop/length)
+    speech: SpeechTimeline | None = None  # None: text only
+    pause_replies: int = 0  # PauseOutput replies not yet received: audio waits for the rewind
+    finish: FinishReason | None = None  # how generation stopped (DRAINING)
 
 
 @dataclass
@@ -226,13 +277,7 @@ class _Request:
     engine: int
     segment: _Segment
     user: tuple[UserPart, ...]  # what goes into history (vision dropped)
-    response: _Response | None = None  # set once this request answers
-
-
-@dataclass(frozen=True)
-class _Frame:
-    frame: object
-    sample: int
+    response: _Response | None = None  # None: a probe; set once it answers
 
 
 # --- the controller -----------------------------------------------------------------------------
@@ -246,7 +291,7 @@ class DuplexController:
         settings: ControllerSettings | None = None,
         *,
         session_id: str = "s",
-        chunker_factory: Callable[[], Chunker] = SimpleChunker,
+        chunker_factory: Callable[[], Chunker] = SentenceChunker,
     ) -> None:
         self._settings = settings or ControllerSettings()
         self._session_id = session_id
@@ -257,14 +302,62 @@ class DuplexController:
         self._counters = {"req": 0, "resp": 0, "seg": 0}
         self._requests: dict[str, _Request] = {}
         self._current: _Response | None = None
-        self._speech: _Segment | None = None  # speech in progress (SpeechStarted seen)
+        self._speech: _Segment | None = None  # the open speech segment (SpeechStarted seen)
         self._holds: set[str] = set()  # segment ids holding the output
-        self._frames: deque[_Frame] = deque(maxlen=max(32, 8 * self._settings.max_frames))
+        self._frames = FrameWindow(self._settings.max_frames, self._settings.frame_window_samples)
         self._pending_user: list[UserPart] = []  # user items awaiting ResponseRequested
         self._late_positions: set[str] = set()  # cancelled while a pause reply was owed
         self._now = 0  # latest input sample seen
 
-    # --- read-only views (for the runtime's logs and for tests) ---------------------------------
+    # --- state ----------------------------------------------------------------------------------
+
+    @property
+    def turn(self) -> Turn:
+        if self._speech is not None:
+            return Turn.SPEAKING
+        probing = any(r.response is None for r in self._requests.values())
+        return Turn.CLASSIFYING if probing else Turn.IDLE
+
+    @property
+    def answer(self) -> Answer:
+        return Answer.NONE if self._current is None else self._current.state
+
+    @property
+    def output(self) -> Output:
+        return Output.SILENT if self._current is None else self._current.output
+
+    def state_of(self, event: Event) -> State:
+        """The state of what ``event`` is about: its key in `TRANSITIONS`."""
+        match event:
+            case TokenDelta() | GenerationEnded():
+                request = self._requests.get(event.request_id)
+                if request is None:
+                    return Ended.REQUEST
+                return Turn.CLASSIFYING if request.response is None else request.response.state
+            case SpeechSynthesized() | SentenceSynthesized() | PlaybackPosition():
+                response = self._response(event.response_id)
+                return Ended.RESPONSE if response is None else response.output
+            case ClientTruncate():
+                response = self._response(event.response_id)
+                return Ended.RESPONSE if response is None else response.state
+            case ResponseRequested() | ClientCancel():
+                return self.answer
+            case SpeechStarted() | SpeechEnded() | SpeechDiscarded() | FrameCaptured():
+                return self.turn
+            case TextInput() | UserItem() | SessionUpdated():
+                return self.turn
+        raise ValueError(f"not a duplex event: {type(event).__name__}")
+
+    def handle(self, event: Event) -> list[Action]:
+        state = self.state_of(event)
+        handler = _HANDLERS.get((state, type(event)))
+        if handler is not None:
+            return handler(self, event)
+        if (state, type(event)) in LATE:
+            return []
+        raise IllegalTransition(state, event)
+
+    # --- read-only views ------------------------------------------------------------------------
 
     @property
     def settings(self) -> ControllerSettings:
@@ -274,52 +367,26 @@ class DuplexController:
     def history(self) -> History:
         return self._history
 
-    @property
-    def generator(self) -> int:
-        return self._generator
+    # --- the user's turn ------------------------------------------------------------------------
 
-    @property
-    def monitor(self) -> int:
-        return self._monitor
-
-    @property
-    def current_response_id(self) -> str | None:
-        return None if self._current is None else self._current.response_id
-
-    @property
-    def output_held(self) -> bool:
-        return self._current is not None and self._current.held
-
-    def live_requests(self) -> dict[str, Role]:
-        """Requests started and neither ended nor aborted, with their current role."""
-        return {rid: "probe" if r.response is None else "answer" for rid, r in self._requests.items()}
-
-    # --- entry point ----------------------------------------------------------------------------
-
-    def handle(self, event: Event) -> list[Action]:
-        handler = self._HANDLERS.get(type(event))
-        if handler is None:
-            raise ValueError(f"not a duplex event: {type(event).__name__}")
-        return handler(self, event)
-
-    # --- user turns -----------------------------------------------------------------------------
-
-    def _on_speech_started(self, event: SpeechStarted) -> list[Action]:
+    def _open_speech(self, event: SpeechStarted) -> list[Action]:
         self._advance(event.sample)
-        if self._speech is not None:
-            return []  # already in a segment: a repeated start changes nothing
         self._speech = _Segment(self._new_id("seg"), "speech", start=event.sample)
         self._hold(self._speech)
         return [*self._sync_output(), SpeechStartedNotice(self._speech.segment_id, event.sample)]
 
-    def _on_speech_ended(self, event: SpeechEnded) -> list[Action]:
+    def _repeated_start(self, event: SpeechStarted) -> list[Action]:
+        self._advance(event.sample)
+        return []
+
+    def _close_speech(self, event: SpeechEnded) -> list[Action]:
         self._advance(event.end_sample)
         segment = self._speech or _Segment(self._new_id("seg"), "speech")
         self._speech = None
         segment.start, segment.end = event.start_sample, event.end_sample
         actions: list[Action] = [SpeechStoppedNotice(segment.segment_id, event.end_sample)]
         user: tuple[UserPart, ...] = (InputAudio(event.audio),)
-        frames = self._frames_before(event.end_sample)
+        frames = self._frames.before(event.end_sample)
         if self._settings.create_response:
             # The hold of the speech passes on to its probe (same segment id).
             return actions + self._start_probe(segment, user, frames, self._settings.instructions)
@@ -332,64 +399,31 @@ class DuplexController:
             actions += self._finish(self._current, "cancelled", "turn_detected")
         return actions + self._sync_output()
 
-    def _on_speech_discarded(self, event: SpeechDiscarded) -> list[Action]:
+    def _drop_speech(self, event: SpeechDiscarded) -> list[Action]:
         self._advance(event.end_sample)
         segment, self._speech = self._speech, None
-        if segment is None:
-            return []
+        assert segment is not None
         self._holds.discard(segment.segment_id)
         notice = SpeechStoppedNotice(segment.segment_id, event.end_sample, committed=False)
         return [*self._sync_output(), notice]
 
-    def _on_frame(self, event: FrameCaptured) -> list[Action]:
-        self._advance(event.sample)
-        self._frames.append(_Frame(event.frame, event.sample))
-        # Keep two windows: a turn's window ends at its end sample, which lags the stream a little.
-        oldest = self._now - 2 * self._settings.frame_window_samples
-        while self._frames and self._frames[0].sample < oldest:
-            self._frames.popleft()
+    def _drop_unannounced(self, event: SpeechDiscarded) -> list[Action]:
+        self._advance(event.end_sample)
         return []
 
-    def _on_text_input(self, event: TextInput) -> list[Action]:
+    def _frame(self, event: FrameCaptured) -> list[Action]:
+        self._advance(event.sample)
+        self._frames.add(event.frame, event.sample, self._now)
+        return []
+
+    def _text_turn(self, event: TextInput) -> list[Action]:
         segment = _Segment(self._new_id("seg"), "text")
-        frames = self._frames_before(self._now)
+        frames = self._frames.before(self._now)
         return self._start_probe(segment, (InputText(event.text),), frames, self._settings.instructions)
 
-    def _on_user_item(self, event: UserItem) -> list[Action]:
+    def _user_item(self, event: UserItem) -> list[Action]:
         self._pending_user.extend(event.parts)
         return []
-
-    def _on_response_requested(self, event: ResponseRequested) -> list[Action]:
-        if self._current is not None:
-            return [
-                Error(
-                    "conversation_already_has_active_response",
-                    f"response {self._current.response_id} is still active; cancel it first",
-                )
-            ]
-        if not self._pending_user:
-            return [
-                Error(
-                    "response_create_without_input",
-                    "response.create needs a user item first (conversation.item.create or committed audio)",
-                )
-            ]
-        user, self._pending_user = tuple(self._pending_user), []
-        segment = _Segment(self._new_id("seg"), "manual")
-        frames = self._frames_before(self._now)
-        instructions = event.instructions if event.instructions is not None else self._settings.instructions
-        if not event.force:
-            return self._start_probe(segment, user, frames, instructions)
-        # Forced: answer on the (idle) generator whatever the first token says.
-        request = self._new_request(self._generator, segment, user)
-        prompt = self._prompt(user, frames, instructions)
-        actions: list[Action] = [StartGeneration(request.request_id, request.engine, prompt, "answer")]
-        response = self._open_response(request, prefix="")
-        response.awaiting_first_token = self._settings.state_tokens is not None
-        actions.append(
-            ResponseStarted(response.response_id, request.request_id, segment.segment_id, "manual")
-        )
-        return actions + self._sync_output()
 
     def _start_probe(
         self,
@@ -403,56 +437,12 @@ class DuplexController:
         self._hold(segment)  # until VITA's verdict: a query would cut the current answer anyway
         return [*self._sync_output(), StartGeneration(request.request_id, request.engine, prompt, "probe")]
 
-    # --- engine output --------------------------------------------------------------------------
+    # --- VITA's verdict -------------------------------------------------------------------------
 
-    def _on_token_delta(self, event: TokenDelta) -> list[Action]:
-        request = self._requests.get(event.request_id)
-        if request is None:
-            return []  # aborted or unknown: late output is dropped
-        response = request.response
-        if response is None:
-            return self._classify(request, event) if event.token_ids else []
-        if response.awaiting_first_token and event.token_ids:
-            response.awaiting_first_token = False
-            response.prefix = self._state_text(self._kind_of(event.token_ids[0]))
-        return self._answer_text(response, event.text)
-
-    def _on_generation_ended(self, event: GenerationEnded) -> list[Action]:
-        request = self._requests.pop(event.request_id, None)
-        if request is None:
-            return []  # e.g. the "abort" that follows our AbortGeneration
-        response = request.response
-        if response is None:
-            return self._probe_ended(request, event)
-        response.request_id = None
-        if event.reason in ("stop", "length"):
-            response.finish = event.reason
-            actions = self._transcript(response, response.visible.flush())  # a held tail was text after all
-            if response.audio:
-                actions += self._speak(response, response.chunker.flush())
-            return actions + self._sync_output()
-        if event.reason == "error":
-            return [
-                *self._finish(response, "failed", "engine_error"),
-                Error("engine_error", f"generation {event.request_id} failed: {event.error or 'unknown'}"),
-            ]
-        return self._finish(response, "failed", "engine_aborted")  # an abort we did not ask for
-
-    def _probe_ended(self, request: _Request, event: GenerationEnded) -> list[Action]:
-        """A probe ended before its first token."""
-        self._holds.discard(request.segment.segment_id)
-        actions: list[Action] = []
-        if event.reason == "error":
-            actions.append(
-                Error("engine_error", f"probe {request.request_id} failed: {event.error or 'unknown'}")
-            )
-        else:
-            actions.append(self._classified(request.segment, "unknown", ignored=True, reason="no_output"))
-        return actions + self._sync_output()
-
-    # --- first-token gating ---------------------------------------------------------------------
-
-    def _classify(self, request: _Request, event: TokenDelta) -> list[Action]:
+    def _classify(self, event: TokenDelta) -> list[Action]:
+        if not event.token_ids:
+            return []
+        request = self._requests[event.request_id]
         kind = self._kind_of(event.token_ids[0])
         if kind == "noise":
             return self._reject(request, "noise", "noise")
@@ -482,15 +472,79 @@ class DuplexController:
         if request.engine != self._generator:  # two engines: the monitor that heard it answers
             self._generator, self._monitor = request.engine, self._generator
             actions.append(RolesSwapped(self._generator, self._monitor))
-        response = self._open_response(request, prefix=self._state_text(kind))
+        response = self._open_response(request, Answer.STREAMING, prefix=self._state_text(kind))
+        segment = request.segment
         actions.append(
-            ResponseStarted(
-                response.response_id, request.request_id, request.segment.segment_id, request.segment.source
-            )
+            ResponseStarted(response.response_id, request.request_id, segment.segment_id, segment.source)
         )
         return actions + self._answer_text(response, text) + self._sync_output()
 
-    # --- transcript and speech ------------------------------------------------------------------
+    def _probe_ended(self, event: GenerationEnded) -> list[Action]:
+        """A probe ended before its first token."""
+        request = self._requests.pop(event.request_id)
+        self._holds.discard(request.segment.segment_id)
+        if event.reason == "error":
+            notice: Action = Error(
+                "engine_error", f"probe {request.request_id} failed: {event.error or 'unknown'}"
+            )
+        else:
+            notice = self._classified(request.segment, "unknown", ignored=True, reason="no_output")
+        return [notice, *self._sync_output()]
+
+    # --- the answer -----------------------------------------------------------------------------
+
+    def _respond(self, event: ResponseRequested) -> list[Action]:
+        if not self._pending_user:
+            need = "response.create needs a user item first (conversation.item.create or committed audio)"
+            return [Error("response_create_without_input", need)]
+        user, self._pending_user = tuple(self._pending_user), []
+        segment = _Segment(self._new_id("seg"), "manual")
+        frames = self._frames.before(self._now)
+        instructions = event.instructions if event.instructions is not None else self._settings.instructions
+        if not event.force:
+            return self._start_probe(segment, user, frames, instructions)
+        # Forced: answer on the (idle) generator whatever the first token says.
+        request = self._new_request(self._generator, segment, user)
+        prompt = self._prompt(user, frames, instructions)
+        actions: list[Action] = [StartGeneration(request.request_id, request.engine, prompt, "answer")]
+        first = Answer.STREAMING if self._settings.state_tokens is None else Answer.FIRST_TOKEN
+        response = self._open_response(request, first, prefix="")
+        actions.append(
+            ResponseStarted(response.response_id, request.request_id, segment.segment_id, "manual")
+        )
+        return actions + self._sync_output()
+
+    def _respond_busy(self, event: ResponseRequested) -> list[Action]:
+        assert self._current is not None
+        message = f"response {self._current.response_id} is still active; cancel it first"
+        return [Error("conversation_already_has_active_response", message)]
+
+    def _first_token(self, event: TokenDelta) -> list[Action]:
+        response = self._answering(event.request_id)
+        if event.token_ids:
+            response.state = Answer.STREAMING
+            response.prefix = self._state_text(self._kind_of(event.token_ids[0]))
+        return self._answer_text(response, event.text)
+
+    def _answer_delta(self, event: TokenDelta) -> list[Action]:
+        return self._answer_text(self._answering(event.request_id), event.text)
+
+    def _answer_ended(self, event: GenerationEnded) -> list[Action]:
+        response = self._answering(event.request_id)
+        del self._requests[event.request_id]
+        response.request_id = None
+        if event.reason in ("stop", "length"):
+            response.state, response.finish = Answer.DRAINING, event.reason
+            actions = self._transcript(response, response.visible.flush())  # a held tail was text after all
+            if response.speech is not None:
+                actions += self._speak(response, response.chunker.flush())
+            return actions + self._sync_output()
+        if event.reason == "error":
+            return [
+                *self._finish(response, "failed", "engine_error"),
+                Error("engine_error", f"generation {event.request_id} failed: {event.error or 'unknown'}"),
+            ]
+        return self._finish(response, "failed", "engine_aborted")  # an abort we did not ask for
 
     def _answer_text(self, response: _Response, raw: str) -> list[Action]:
         return self._transcript(response, response.visible.push(raw))
@@ -501,203 +555,146 @@ class DuplexController:
             return []
         response.text += clean
         actions: list[Action] = [EmitText(response.response_id, clean)]
-        if response.audio:
+        if response.speech is not None:
             actions += self._speak(response, response.chunker.push(clean))
         return actions
 
     def _speak(self, response: _Response, sentences: Iterable[str]) -> list[Action]:
+        assert response.speech is not None
         actions: list[Action] = []
-        for raw in sentences:
-            text = raw.strip()
-            if not text:
-                continue
-            # Locate the sentence in the transcript so truncation maps audio back onto text exactly;
-            # a chunker that rewrites text (e.g. spells out numbers) falls back to its length.
-            found = response.text.find(text, response.spoken_chars)
-            char_end = (
-                found + len(text)
-                if found >= 0
-                else min(len(response.text), response.spoken_chars + len(text))
-            )
-            response.spoken_chars = char_end
-            sentence = _Sentence(len(response.sentences), text, char_end)
-            response.sentences.append(sentence)
-            if sentence.index == response.layout_index:
-                self._begin_layout(response, sentence)
-            actions.append(Speak(response.response_id, sentence.index, text))
+        for text in (s.strip() for s in sentences):
+            if text:
+                index = response.speech.add_sentence(response.text, text)
+                actions.append(Speak(response.response_id, index, text))
         return actions
 
-    def _on_speech_synthesized(self, event: SpeechSynthesized) -> list[Action]:
-        response = self._response(event.response_id)
-        if response is None or event.sentence_index >= len(response.sentences) or event.num_samples == 0:
-            return []
-        sentence = response.sentences[event.sentence_index]
-        if sentence.finished or sentence.index < response.layout_index:
-            return []  # after its SentenceSynthesized: a runtime race, the layout is fixed
-        if sentence.index == response.layout_index:
-            self._append_audio(response, sentence.index, event.pcm, event.num_samples)
-        else:
-            sentence.waiting.append((event.pcm, event.num_samples))  # parallel TTS: keep sentence order
-        return self._sync_output()
-
-    def _on_sentence_synthesized(self, event: SentenceSynthesized) -> list[Action]:
-        response = self._response(event.response_id)
-        if response is None or event.sentence_index >= len(response.sentences):
-            return []
-        response.sentences[event.sentence_index].finished = True
-        while response.layout_index < len(response.sentences):
-            sentence = response.sentences[response.layout_index]
-            if not sentence.finished:
-                break
-            sentence.audio_end = response.total
-            response.layout_index += 1
-            if response.layout_index < len(response.sentences):
-                self._begin_layout(response, response.sentences[response.layout_index])
-        return self._sync_output()
-
-    def _begin_layout(self, response: _Response, sentence: _Sentence) -> None:
-        sentence.audio_start = response.total
-        for pcm, num_samples in sentence.waiting:
-            self._append_audio(response, sentence.index, pcm, num_samples)
-        sentence.waiting.clear()
-
-    @staticmethod
-    def _append_audio(response: _Response, sentence_index: int, pcm: object, num_samples: int) -> None:
-        response.timeline.append(_Chunk(sentence_index, response.total, num_samples, pcm))
-        response.starts.append(response.total)
-        response.total += num_samples
-
-    # --- output ---------------------------------------------------------------------------------
-
-    def _sync_output(self) -> list[Action]:
-        """Bring the current response's output in line with the holds, emit what may be emitted,
-        and complete the response if it is done. Called after every change."""
+    def _cancel(self, event: ClientCancel) -> list[Action]:
         response = self._current
-        if response is None:
-            return []
-        actions: list[Action] = []
-        if response.audio:
-            held = bool(self._holds)
-            if held and not response.held:
-                response.held = True
-                if response.cursor > response.played:  # something is in flight: stop it
-                    response.pause_sent = True
-                    response.pause_replies += 1
-                    actions.append(PauseOutput(response.response_id))
-            elif not held and response.held:
-                response.held = False
-                if response.pause_sent:
-                    response.pause_sent = False
-                    actions.append(ResumeOutput(response.response_id))
-            # Emit only once the pause reply told us where the client stopped.
-            if not response.held and response.pause_replies == 0:
-                actions += self._pump(response)
-        return actions + self._maybe_complete(response)
+        assert response is not None
+        if event.response_id is not None and event.response_id != response.response_id:
+            return self._cancel_nothing(event)
+        return self._finish(response, "cancelled", "client_cancelled")
 
-    def _pump(self, response: _Response) -> list[Action]:
-        actions: list[Action] = []
-        index = bisect.bisect_right(response.starts, response.cursor) - 1
-        for chunk in response.timeline[max(index, 0) :]:
-            if chunk.end <= response.cursor:
-                continue
-            offset = response.cursor - chunk.start
-            count = chunk.num_samples - offset
-            actions.append(EmitAudio(response.response_id, response.cursor, chunk.pcm, count, offset))
-            response.cursor += count
-        return actions
+    def _cancel_nothing(self, event: ClientCancel) -> list[Action]:
+        wanted = event.response_id or "any response"
+        return [Error("response_cancel_not_active", f"no active response to cancel ({wanted})")]
 
-    def _on_playback_position(self, event: PlaybackPosition) -> list[Action]:
-        response = self._response(event.response_id)
-        if response is None:
-            # The pause reply of an answer cancelled before it came: history learns what was heard.
-            if event.reply_to_pause and event.response_id in self._late_positions:
-                self._late_positions.discard(event.response_id)
-                self._history.truncate(event.response_id, event.played_samples)
-            return []
-        played = max(response.played, min(event.played_samples, response.cursor))
-        response.played = played
-        if event.reply_to_pause and response.pause_replies > 0:
-            response.pause_replies -= 1
-            response.cursor = played  # the client dropped the rest: send it again on resume
-        return self._sync_output()
+    def _truncate_answer(self, event: ClientTruncate) -> list[Action]:
+        # The client abandoned this answer's playback at that point (it cleared its buffer):
+        # continuing to send would not line up, so the answer ends here.
+        response = self._current
+        assert response is not None
+        if response.speech is not None:
+            response.speech.truncate(self._ms_to_samples(event.audio_end_ms))
+        response.pause_replies = 0  # the client's word beats any pause reply still on its way
+        actions = self._finish(response, "cancelled", "client_cancelled")
+        kept = self._history.kept_text(event.response_id)
+        if kept is None:
+            return actions  # history_turns == 0: nothing kept
+        return [*actions, ResponseTruncated(event.response_id, event.audio_end_ms, kept)]
 
-    def _maybe_complete(self, response: _Response) -> list[Action]:
-        if response.finish is None:
-            return []
-        if response.audio and (
-            response.layout_index < len(response.sentences) or response.played < response.total
-        ):
-            return []
-        if response.finish == "length":
-            return self._finish(response, "incomplete", "max_output_tokens")
-        return self._finish(response, "completed", None)
-
-    # --- ending responses -----------------------------------------------------------------------
+    def _truncate_history(self, event: ClientTruncate) -> list[Action]:
+        self._late_positions.discard(event.response_id)
+        kept = self._history.truncate(event.response_id, self._ms_to_samples(event.audio_end_ms))
+        if kept is None:
+            message = f"response {event.response_id} is not in the conversation history"
+            return [Error("truncate_unknown_response", message)]
+        return [ResponseTruncated(event.response_id, event.audio_end_ms, kept)]
 
     def _finish(self, response: _Response, status: ResponseStatus, reason: str | None) -> list[Action]:
-        """End the current response: stop its generation and output, tell the client, keep history."""
+        """End the current answer: stop its generation and output, tell the client, keep history."""
         actions: list[Action] = []
         if response.request_id is not None and self._requests.pop(response.request_id, None) is not None:
             actions.append(AbortGeneration(response.request_id))
         response.request_id = None
-        if response.audio and status in ("cancelled", "failed"):
+        if response.speech is not None and status in ("cancelled", "failed"):
             actions += [CancelSpeech(response.response_id), ClearOutput(response.response_id)]
         actions.append(ResponseDone(response.response_id, status, reason))
         self._current = None
-        self._remember(response, delivered_all=status in ("completed", "incomplete"))
-        return actions
-
-    def _remember(self, response: _Response, delivered_all: bool) -> None:
-        sentences = tuple(
-            SpokenSentence(s.text, s.char_end, s.audio_start, s.audio_end) for s in response.sentences
-        )
+        delivered_all = status in ("completed", "incomplete")
+        speech = response.speech
         self._history.add(
             response.response_id,
             response.user,
             response.prefix,
             response.text,
-            sentences,
-            has_audio=response.audio,
-            played_samples=None if delivered_all else response.played,
+            () if speech is None else speech.spoken(),
+            has_audio=speech is not None,
+            played_samples=None if delivered_all else 0 if speech is None else speech.played,
         )
         if response.pause_replies > 0 and not delivered_all:
             self._late_positions.add(response.response_id)
         self._late_positions = {rid for rid in self._late_positions if rid in self._history}
+        return actions
 
-    def _on_client_cancel(self, event: ClientCancel) -> list[Action]:
+    # --- its output -----------------------------------------------------------------------------
+
+    def _audio(self, event: SpeechSynthesized) -> list[Action]:
+        added = self._speaking(event.response_id).add_audio(
+            event.sentence_index, event.pcm, event.num_samples
+        )
+        return self._sync_output() if added else []
+
+    def _sentence_done(self, event: SentenceSynthesized) -> list[Action]:
+        finished = self._speaking(event.response_id).finish_sentence(event.sentence_index)
+        return self._sync_output() if finished else []
+
+    def _played(self, event: PlaybackPosition) -> list[Action]:
         response = self._current
-        if response is None or (event.response_id is not None and event.response_id != response.response_id):
-            wanted = event.response_id or "any response"
-            return [Error("response_cancel_not_active", f"no active response to cancel ({wanted})")]
-        return self._finish(response, "cancelled", "client_cancelled")
+        assert response is not None
+        if response.speech is not None:  # (a pacer may report nothing played of a text-only answer)
+            response.speech.report_played(event.played_samples)
+            if event.reply_to_pause and response.pause_replies > 0:
+                response.pause_replies -= 1
+                response.speech.rewind()  # the client dropped the rest: send it again on resume
+        return self._sync_output()
 
-    def _on_client_truncate(self, event: ClientTruncate) -> list[Action]:
-        samples = event.audio_end_ms * self._settings.output_sample_rate // 1000
-        response = self._response(event.response_id)
-        if response is not None:
-            # The client abandoned this answer's playback at that point (it cleared its buffer):
-            # continuing to send would not line up, so the answer ends here.
-            response.played = min(samples, response.total)
-            response.pause_replies = 0  # the client's word beats any pause reply still on its way
-            actions = self._finish(response, "cancelled", "client_cancelled")
-            kept = self._history.kept_text(event.response_id)
-            if kept is None:
-                return actions  # history_turns == 0: nothing kept
-            return [*actions, ResponseTruncated(event.response_id, event.audio_end_ms, kept)]
-        self._late_positions.discard(event.response_id)
-        kept = self._history.truncate(event.response_id, samples)
-        if kept is None:
-            return [
-                Error(
-                    "truncate_unknown_response",
-                    f"response {event.response_id} is not in the conversation history",
-                )
-            ]
-        return [ResponseTruncated(event.response_id, event.audio_end_ms, kept)]
+    def _late_played(self, event: PlaybackPosition) -> list[Action]:
+        # The pause reply of an answer cancelled before it came: history learns what was heard.
+        if event.reply_to_pause and event.response_id in self._late_positions:
+            self._late_positions.discard(event.response_id)
+            self._history.truncate(event.response_id, event.played_samples)
+        return []
+
+    def _sync_output(self) -> list[Action]:
+        """The output's transitions, triggered by the holds after every event: PLAYING → PAUSED (or HELD
+        when nothing was in flight) → PLAYING. Audio goes out while PLAYING once every pause reply told
+        where the client stopped; then the answer completes if it is done."""
+        response = self._current
+        if response is None:
+            return []
+        actions: list[Action] = []
+        held = bool(self._holds)
+        if response.output is Output.PLAYING and held:
+            assert response.speech is not None
+            if response.speech.in_flight:  # something is on its way to the client: stop it
+                response.output = Output.PAUSED
+                response.pause_replies += 1
+                actions.append(PauseOutput(response.response_id))
+            else:
+                response.output = Output.HELD
+        elif response.output is Output.HELD and not held:
+            response.output = Output.PLAYING
+        elif response.output is Output.PAUSED and not held:
+            response.output = Output.PLAYING
+            actions.append(ResumeOutput(response.response_id))
+        if response.output is Output.PLAYING and response.pause_replies == 0:
+            assert response.speech is not None
+            actions += response.speech.emit(response.response_id)
+        return actions + self._maybe_complete(response)
+
+    def _maybe_complete(self, response: _Response) -> list[Action]:
+        if response.state is not Answer.DRAINING:
+            return []
+        if response.speech is not None and not response.speech.done:
+            return []
+        if response.finish == "length":
+            return self._finish(response, "incomplete", "max_output_tokens")
+        return self._finish(response, "completed", None)
 
     # --- settings -------------------------------------------------------------------------------
 
-    def _on_session_updated(self, event: SessionUpdated) -> list[Action]:
+    def _update_session(self, event: SessionUpdated) -> list[Action]:
         changes = {
             f.name: getattr(event, f.name) for f in fields(event) if getattr(event, f.name) is not None
         }
@@ -722,16 +719,18 @@ class DuplexController:
         self._requests[request_id] = request
         return request
 
-    def _open_response(self, request: _Request, prefix: str) -> _Response:
+    def _open_response(self, request: _Request, state: Answer, prefix: str) -> _Response:
+        audio = self._settings.audio_output
         response = _Response(
             response_id=self._new_id("resp"),
             request_id=request.request_id,
-            segment=request.segment,
             user=request.user,
-            audio=self._settings.audio_output,
             chunker=self._chunker_factory(),
             visible=self._visible_text(),
+            state=state,
+            output=Output.PLAYING if audio else Output.SILENT,
             prefix=prefix,
+            speech=SpeechTimeline() if audio else None,
         )
         request.response = response
         self._current = response
@@ -741,6 +740,16 @@ class DuplexController:
         current = self._current
         return current if current is not None and current.response_id == response_id else None
 
+    def _answering(self, request_id: str) -> _Response:
+        response = self._requests[request_id].response
+        assert response is not None
+        return response
+
+    def _speaking(self, response_id: str) -> SpeechTimeline:
+        response = self._response(response_id)
+        assert response is not None and response.speech is not None
+        return response.speech
+
     def _hold(self, segment: _Segment) -> None:
         if self._settings.interrupt_response:
             self._holds.add(segment.segment_id)
@@ -748,17 +757,8 @@ class DuplexController:
     def _advance(self, sample: int) -> None:
         self._now = max(self._now, sample)
 
-    def _frames_before(self, end: int) -> tuple[object, ...]:
-        """Exactly max_frames camera frames from the window before ``end`` (none if it holds none), as VITA-1.5's
-        demo picks them: `np.linspace(0, n - 1, max_frames, dtype=int)`, spread when there are more frames,
-        repeated when there are fewer; oldest first."""
-        window = [
-            f.frame for f in self._frames if end - self._settings.frame_window_samples <= f.sample <= end
-        ]
-        count = self._settings.max_frames
-        if not window or count == 0:
-            return ()
-        return tuple(window[int(i)] for i in np.linspace(0, len(window) - 1, num=count, dtype=int))
+    def _ms_to_samples(self, ms: int) -> int:
+        return ms * self._settings.output_sample_rate // 1000
 
     def _prompt(
         self, user: tuple[UserPart, ...], frames: tuple[object, ...], instructions: str | None
@@ -794,20 +794,8 @@ class DuplexController:
     ) -> SegmentClassified:
         return SegmentClassified(segment.segment_id, kind, segment.start, segment.end, ignored, reason)
 
-    _HANDLERS: ClassVar[dict[type[Event], Callable[..., list[Action]]]] = {
-        SpeechStarted: _on_speech_started,
-        SpeechEnded: _on_speech_ended,
-        SpeechDiscarded: _on_speech_discarded,
-        FrameCaptured: _on_frame,
-        TextInput: _on_text_input,
-        UserItem: _on_user_item,
-        ResponseRequested: _on_response_requested,
-        TokenDelta: _on_token_delta,
-        GenerationEnded: _on_generation_ended,
-        SpeechSynthesized: _on_speech_synthesized,
-        SentenceSynthesized: _on_sentence_synthesized,
-        PlaybackPosition: _on_playback_position,
-        ClientCancel: _on_client_cancel,
-        ClientTruncate: _on_client_truncate,
-        SessionUpdated: _on_session_updated,
-    }
+
+# The table's method names, resolved once (a misspelt name fails at import).
+_HANDLERS: dict[tuple[State, type[Event]], Callable[[DuplexController, Any], list[Action]]] = {
+    key: getattr(DuplexController, name) for key, name in TRANSITIONS.items()
+}

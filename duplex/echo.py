@@ -44,10 +44,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .events import Event, SpeechDiscarded, SpeechEnded, SpeechStarted
-from .vad import SpeechDiscarded as VadDiscarded
-from .vad import SpeechEnded as VadEnded
-from .vad import SpeechStarted as VadStarted
-from .vad import VadEvent
+from .vad import VadEvent, VadSpeechDiscard, VadSpeechEnd, VadSpeechStart
 
 Verdict = Literal["echo", "speech", "silence", "no_output", "disabled"]
 
@@ -612,7 +609,7 @@ class EchoGate:
 
     def on_vad(self, event: VadEvent, base: int = 0) -> list[Event]:
         """One `duplex.vad` event; ``base`` is the session sample where its VAD stream began."""
-        if isinstance(event, VadStarted):
+        if isinstance(event, VadSpeechStart):
             seg = _Segment(base + event.start_sample, base + event.onset_sample, "pending")
             self._seg = seg
             deadline = seg.onset + self._decision
@@ -624,7 +621,7 @@ class EchoGate:
                 return self._decide(seg, deadline)
             return []
         seg, self._seg = self._seg, None
-        if isinstance(event, VadEnded):
+        if isinstance(event, VadSpeechEnd):
             start, end = base + event.start_sample, base + event.end_sample
             if seg is None:
                 return [SpeechEnded(start, end, event.audio)]
@@ -644,7 +641,7 @@ class EchoGate:
                     audio = self.guard.check(audio, end).residual
                 return [SpeechEnded(s, end, audio)]
             return [SpeechEnded(start, end, event.audio)]
-        if isinstance(event, VadDiscarded):
+        if isinstance(event, VadSpeechDiscard):
             start, end = base + event.start_sample, base + event.end_sample
             if seg is None or seg.state in ("passed", "promoted"):
                 return [SpeechDiscarded(seg.start if seg is not None else start, max(end, start))]

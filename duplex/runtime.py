@@ -55,8 +55,7 @@ from .events import (
 )
 from .sentences import SentenceChunker
 from .tts import TextToSpeech, resample
-from .vad import SileroModel, VadBank, VadEvent, VadParams
-from .vad import SpeechEnded as VadEnded
+from .vad import SileroModel, VadBank, VadEvent, VadParams, VadSpeechEnd
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +251,7 @@ class DuplexSession:
 
     def flush_speech(self) -> bool:
         """Close the speech segment in progress now; False when there was none."""
-        return any(isinstance(e, VadEnded) for e in self._vad.flush(self.session_id))
+        return any(isinstance(e, VadSpeechEnd) for e in self._vad.flush(self.session_id))
 
     def push_frame(self, frame: Any) -> None:
         self._feed(FrameCaptured(frame, self._samples_in))

@@ -73,10 +73,12 @@ class VadParams:
 
 
 # --- events -------------------------------------------------------------------------------------
+# Named apart from the controller's `duplex.events.SpeechStarted` & co., which carry other fields (session
+# samples); `duplex.echo.EchoGate` turns these into those.
 
 
 @dataclass(frozen=True, slots=True)
-class SpeechStarted:
+class VadSpeechStart:
     """Speech began. ``onset_sample`` is the first speech window's start; ``start_sample`` is that
     minus the prefix padding (clamped to the audio still held and to the previous segment's end)."""
 
@@ -85,7 +87,7 @@ class SpeechStarted:
 
 
 @dataclass(frozen=True, slots=True)
-class SpeechEnded:
+class VadSpeechEnd:
     """A segment closed after ``silence_duration_ms`` of silence. ``end_sample`` is where silence began
     (the end of the last window scored >= threshold), not where the timer ran out; ``audio`` is
     ``input[start_sample:end_sample]`` (16 kHz float32), prefix padding included."""
@@ -96,15 +98,15 @@ class SpeechEnded:
 
 
 @dataclass(frozen=True, slots=True)
-class SpeechDiscarded:
-    """A segment shorter than ``min_speech_ms`` was dropped; whatever the `SpeechStarted` paused
+class VadSpeechDiscard:
+    """A segment shorter than ``min_speech_ms`` was dropped; whatever the `VadSpeechStart` paused
     (e.g. the assistant's playback) can resume."""
 
     start_sample: int
     end_sample: int
 
 
-VadEvent = SpeechStarted | SpeechEnded | SpeechDiscarded
+VadEvent = VadSpeechStart | VadSpeechEnd | VadSpeechDiscard
 
 
 # --- model --------------------------------------------------------------------------------------
@@ -271,7 +273,7 @@ class VadStream:
                 self._start = max(start - self._pad, self._hist_start, self._floor)
                 self._silence_start = None
                 self._speech_end = end
-                events.append(SpeechStarted(self._start, start))
+                events.append(VadSpeechStart(self._start, start))
             else:
                 self._trim()
             return events
@@ -294,9 +296,9 @@ class VadStream:
         start = self._start
         self._floor = end
         if end - self._onset < self._min_speech:
-            event: VadEvent = SpeechDiscarded(start, end)
+            event: VadEvent = VadSpeechDiscard(start, end)
         else:
-            event = SpeechEnded(start, end, self._slice(start, end))
+            event = VadSpeechEnd(start, end, self._slice(start, end))
         self._trim()
         return event
 

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import pytest
 
-from duplex.controller import ControllerSettings, DuplexController, SimpleChunker, StateTokens
+from duplex.controller import ControllerSettings, StateTokens
 from duplex.events import (
     AbortGeneration,
     Action,
@@ -48,6 +48,7 @@ from duplex.events import (
     UserItem,
 )
 from duplex.history import History, SpokenSentence, played_text
+from tests.controller_helpers import DuplexController, SimpleChunker
 
 ST = StateTokens(query=1, noise=2, text=3)
 QUERY, NOISE, TEXT = 1, 2, 3

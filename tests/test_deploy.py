@@ -360,15 +360,15 @@ def test_smoke_rejects_bad_arguments() -> None:
 def test_synthetic_speech_is_speech_to_the_vad() -> None:
     """The image has no espeak by default: the smoke check's synthetic voice must start and end a turn."""
     from clients.python.smoke import SAMPLE_RATE, speech_audio
-    from duplex.vad import SileroModel, SpeechEnded, SpeechStarted, VadParams, VadStream
+    from duplex.vad import SileroModel, VadParams, VadSpeechEnd, VadSpeechStart, VadStream
 
     audio, name = speech_audio("synthetic")
     assert name == "synthetic voice" and audio.dtype == np.float32
     stream = VadStream(VadParams())
     stream.push(audio)
     events = stream.process(SileroModel())
-    assert [type(e) for e in events] == [SpeechStarted, SpeechEnded], events
-    assert isinstance(events[1], SpeechEnded)
+    assert [type(e) for e in events] == [VadSpeechStart, VadSpeechEnd], events
+    assert isinstance(events[1], VadSpeechEnd)
     assert events[1].end_sample < len(audio) - SAMPLE_RATE // 2  # ended by silence, not by the end of input
 
 

@@ -18,10 +18,7 @@ from hypothesis import strategies as st
 from duplex.echo import EchoGate, EchoGateParams, EchoGuard, EchoGuardParams, _gram
 from duplex.events import SpeechDiscarded, SpeechEnded, SpeechStarted
 from duplex.tts import EspeakTTS, resample
-from duplex.vad import SileroModel, VadStream
-from duplex.vad import SpeechDiscarded as VadDiscarded
-from duplex.vad import SpeechEnded as VadEnded
-from duplex.vad import SpeechStarted as VadStarted
+from duplex.vad import SileroModel, VadSpeechDiscard, VadSpeechEnd, VadSpeechStart, VadStream
 from tests.speech import espeak_speech, speech_span
 
 MIC = 16_000
@@ -416,11 +413,11 @@ def test_gate_passes_segments_at_once_when_nothing_plays() -> None:
     gate = EchoGate(EchoGuard())
     mic = np.zeros(2 * MIC, np.float32)
     push_all(gate, mic, MIC)
-    assert gate.on_vad(VadStarted(2000, 7000), base=1000) == [SpeechStarted(3000)]
-    ended = gate.on_vad(VadEnded(2000, 12000, np.ones(10000, np.float32)), base=1000)
+    assert gate.on_vad(VadSpeechStart(2000, 7000), base=1000) == [SpeechStarted(3000)]
+    ended = gate.on_vad(VadSpeechEnd(2000, 12000, np.ones(10000, np.float32)), base=1000)
     assert [(type(e), e.start_sample, e.end_sample) for e in ended] == [(SpeechEnded, 3000, 13000)]
-    gate.on_vad(VadStarted(20000, 22000))
-    assert gate.on_vad(VadDiscarded(20000, 23000)) == [SpeechDiscarded(20000, 23000)]
+    gate.on_vad(VadSpeechStart(20000, 22000))
+    assert gate.on_vad(VadSpeechDiscard(20000, 23000)) == [SpeechDiscarded(20000, 23000)]
 
 
 def test_gate_drops_an_echo_segment_and_its_end() -> None:
@@ -429,15 +426,15 @@ def test_gate_drops_an_echo_segment_and_its_end() -> None:
     mic = echo_path(120, 0.5)
     lo, hi = echo_span(120)
     push_all(gate, mic, lo + 512)
-    assert gate.on_vad(VadStarted(lo - 300 * MS, lo)) == []  # held: output is playing
+    assert gate.on_vad(VadSpeechStart(lo - 300 * MS, lo)) == []  # held: output is playing
     assert gate.state == "pending"
     assert push_all(gate, mic, lo + 200 * MS + 1) == [] and gate.state == "echo"
     assert push_all(gate, mic, hi) == []  # rechecked all along: never promoted
-    assert gate.on_vad(VadEnded(lo - 300 * MS, hi, mic[lo - 300 * MS : hi])) == []
+    assert gate.on_vad(VadSpeechEnd(lo - 300 * MS, hi, mic[lo - 300 * MS : hi])) == []
     assert gate.stats.echo == 1 and gate.stats.promoted == 0 and gate.stats.checks > 20
     # a short echo blip that the VAD discards was never announced, so nothing is taken back
-    gate.on_vad(VadStarted(hi, hi))
-    assert gate.on_vad(VadDiscarded(hi, hi + 100)) == []
+    gate.on_vad(VadSpeechStart(hi, hi))
+    assert gate.on_vad(VadSpeechDiscard(hi, hi + 100)) == []
 
 
 def test_gate_decides_a_segment_that_ends_before_the_deadline() -> None:
@@ -447,8 +444,8 @@ def test_gate_decides_a_segment_that_ends_before_the_deadline() -> None:
     onset = add_user(mic, PLAY + MIC, 0.8)
     end = onset + 600 * MS
     push_all(gate, mic, end + 512)
-    assert gate.on_vad(VadStarted(onset - 300 * MS, onset)) == []
-    out = gate.on_vad(VadEnded(onset - 300 * MS, end, mic[onset - 300 * MS : end]))
+    assert gate.on_vad(VadSpeechStart(onset - 300 * MS, onset)) == []
+    out = gate.on_vad(VadSpeechEnd(onset - 300 * MS, end, mic[onset - 300 * MS : end]))
     assert [type(e) for e in out] == [SpeechStarted, SpeechEnded]
 
 
@@ -458,8 +455,8 @@ def test_disabled_guard_passes_everything_unchanged() -> None:
     mic = echo_path(120, 0.5)
     lo, hi = echo_span(120)
     push_all(gate, mic, lo + 512)
-    assert gate.on_vad(VadStarted(lo - 100, lo)) == [SpeechStarted(lo - 100)]
-    assert len(gate.on_vad(VadEnded(lo - 100, hi, mic[lo - 100 : hi]))) == 1
+    assert gate.on_vad(VadSpeechStart(lo - 100, lo)) == [SpeechStarted(lo - 100)]
+    assert len(gate.on_vad(VadSpeechEnd(lo - 100, hi, mic[lo - 100 : hi]))) == 1
 
 
 # --- the gate behind the real VAD -----------------------------------------------------------------
@@ -501,7 +498,7 @@ def run_session(model: SileroModel, mic: np.ndarray, guard: EchoGuard | None) ->
 @pytest.mark.parametrize(("delay_ms", "gain"), [(0, 0.3), (80, 0.8), (250, 0.5), (450, 1.0), (200, 0.1)])
 def test_vad_hears_the_echo_but_the_gate_drops_it(model: SileroModel, delay_ms: int, gain: float) -> None:
     raw, out, _ = run_session(model, echo_path(delay_ms, gain, seed=7), noted_guard())
-    assert any(isinstance(e, VadStarted) for e in raw)  # without the guard this is a barge-in
+    assert any(isinstance(e, VadSpeechStart) for e in raw)  # without the guard this is a barge-in
     assert out == []
 
 
@@ -515,7 +512,7 @@ def test_question_over_the_echo_is_promoted(
     level = rms(mic[lo : lo + 2 * MIC]) * 10 ** (level_db / 20) / rms(question16())
     onset = add_user(mic, lo + 2 * MIC, level)
     raw, out, when = run_session(model, mic, noted_guard())
-    assert sum(isinstance(e, VadStarted) for e in raw) == 1  # no new onset for the question
+    assert sum(isinstance(e, VadSpeechStart) for e in raw) == 1  # no new onset for the question
     assert [type(e) for e in out] == [SpeechStarted, SpeechEnded]
     started, ended = out
     assert onset - 400 * MS <= started.sample <= onset

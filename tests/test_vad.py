@@ -14,12 +14,12 @@ from duplex.vad import (
     CONTEXT,
     WINDOW,
     SileroModel,
-    SpeechDiscarded,
-    SpeechEnded,
-    SpeechStarted,
     VadBank,
     VadEvent,
     VadParams,
+    VadSpeechDiscard,
+    VadSpeechEnd,
+    VadSpeechStart,
     VadStream,
     default_model_path,
 )
@@ -66,12 +66,12 @@ def run_whole(model: SileroModel, audio: np.ndarray, params: VadParams | None = 
 def assert_same_events(a: list[VadEvent], b: list[VadEvent]) -> None:
     assert a == b  # dataclass equality: types, sample numbers (audio excluded)
     for x, y in zip(a, b):
-        if isinstance(x, SpeechEnded):
+        if isinstance(x, VadSpeechEnd):
             np.testing.assert_array_equal(x.audio, y.audio)
 
 
-def segments(events: list[VadEvent]) -> list[SpeechEnded]:
-    return [e for e in events if isinstance(e, SpeechEnded)]
+def segments(events: list[VadEvent]) -> list[VadSpeechEnd]:
+    return [e for e in events if isinstance(e, VadSpeechEnd)]
 
 
 # --- model --------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_graph_argument() -> None:
 def test_boundaries_match_truth(model: SileroModel, dialogue) -> None:
     audio, truth = dialogue
     events = run_whole(model, audio)
-    starts = [e for e in events if isinstance(e, SpeechStarted)]
+    starts = [e for e in events if isinstance(e, VadSpeechStart)]
     ends = segments(events)
     assert len(starts) == len(ends) == len(truth)
     for started, ended, (t0, t1) in zip(starts, ends, truth):
@@ -287,10 +287,10 @@ def test_min_speech_drops_a_blip(model: SileroModel) -> None:
     silence = np.zeros(16_000, np.float32)
     blip = np.concatenate([silence, hey[first : first + 150 * MS], silence])
     events = run_whole(model, blip)
-    assert [type(e) for e in events] == [SpeechStarted, SpeechDiscarded]
+    assert [type(e) for e in events] == [VadSpeechStart, VadSpeechDiscard]
     assert events[1].start_sample == events[0].start_sample  # the caller can match them up
     kept = run_whole(model, blip, VadParams(min_speech_ms=0))
-    assert [type(e) for e in kept] == [SpeechStarted, SpeechEnded]
+    assert [type(e) for e in kept] == [VadSpeechStart, VadSpeechEnd]
     click = silence.copy()
     click[8000:8080] = 0.9
     assert run_whole(model, click) == []
@@ -301,7 +301,7 @@ def test_prefix_padding_is_in_the_audio(model: SileroModel, dialogue) -> None:
     events = run_whole(model, audio, VadParams(prefix_padding_ms=300))
     for e in segments(events):
         np.testing.assert_array_equal(e.audio, audio[e.start_sample : e.end_sample])
-    onset = next(e for e in events if isinstance(e, SpeechStarted)).onset_sample
+    onset = next(e for e in events if isinstance(e, VadSpeechStart)).onset_sample
     assert segments(events)[0].start_sample == onset - 300 * MS
     unpadded = segments(run_whole(model, audio, VadParams(prefix_padding_ms=0)))
     assert unpadded[0].start_sample == onset
@@ -314,7 +314,7 @@ def test_flush_closes_open_segment(model: SileroModel, dialogue) -> None:
     audio, truth = dialogue
     cut = truth[0][0] + 16_000  # one second into the first sentence
     events = run_whole(model, audio[:cut])
-    assert isinstance(events[-1], SpeechEnded) and events[-1].end_sample == cut - cut % WINDOW
+    assert isinstance(events[-1], VadSpeechEnd) and events[-1].end_sample == cut - cut % WINDOW
 
 
 def test_max_speech_splits_long_speech(model: SileroModel, dialogue) -> None:
