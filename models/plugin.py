@@ -1,6 +1,7 @@
 """vLLM general plugin: registers VITA in every vLLM process (entry point `vllm.general_plugins`)."""
 
 from .config import VITA_ARCHITECTURE, register_config
+from .vita_tts.config import VITA_TTS_ARCHITECTURE
 
 # vLLM's `config_format` for VITA checkpoints: our parser reads every published format (models.checkpoint).
 VITA_CONFIG_FORMAT = "vita"
@@ -19,3 +20,6 @@ def register() -> None:
     if VITA_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # The lazy "module:Class" form keeps vLLM from importing torch models (and CUDA) in the parent.
         ModelRegistry.register_model(VITA_ARCHITECTURE, "models.vllm_model:VitaForConditionalGeneration")
+    if VITA_TTS_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        # The second architecture: VITA-1.5's speech decoder (AR stage), served by its own engine (models.vita_tts).
+        ModelRegistry.register_model(VITA_TTS_ARCHITECTURE, "models.vita_tts.vllm_decoder:VitaTTSDecoderForCausalLM")

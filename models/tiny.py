@@ -228,6 +228,7 @@ def build_tiny(
     config_format: TinyFormat = "vita",
     vision_tower: str | None = None,
     audio_encoder: str | None = None,
+    tts: bool | None = None,
 ) -> Path:
     """Write a complete tiny checkpoint to `out_dir` and return it.
 
@@ -235,7 +236,8 @@ def build_tiny(
     `config_format` writes the same tensors under another published config format (see
     `models.checkpoint`): "training" also writes the two tower repos beside `out_dir`
     (`<name>-InternViT/`, `<name>-AudioEnc/`) and names them in `mm_vision_tower`/`mm_audio_encoder`,
-    unless `vision_tower`/`audio_encoder` give other locations (hub ids, say)."""
+    unless `vision_tower`/`audio_encoder` give other locations (hub ids, say). `tts` writes a tiny speech decoder
+    in `vita_tts_ckpt/` (default: for VITA-1.5, which publishes one; see `models.vita_tts.tiny`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(layout, out)
@@ -257,6 +259,12 @@ def build_tiny(
         json.dumps(feature_extractor_config(seed), indent=1)
     )
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": config.eos_token_id}))
+    if (layout == "vita15") if tts is None else tts:
+        from .vita_tts.tiny import build_tiny_tts, tiny_decoder_config
+
+        # The speech decoder reads the LLM's embedding rows cut into vectors of its width.
+        build_tiny_tts(out / "vita_tts_ckpt", seed=seed,
+                       decoder=tiny_decoder_config(hidden=config.get_text_config().hidden_size // 2))
     if config_format == "training":
         vision_dir, audio_dir = write_tiny_towers(config, out.parent / f"{out.name}-InternViT",
                                                   out.parent / f"{out.name}-AudioEnc", seed)
