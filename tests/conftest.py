@@ -111,7 +111,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / "server.log"
         cmd = [
-            sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(self.port),
+            sys.executable, "-m", "clients.cli", "serve", "--model", str(model), "--port", str(self.port),
             "--kv-cache-mib", "64", "--device", "cpu", *args,
         ]
         full_env = {**os.environ, "VITA_CPU_CORES": "0,1", "VITA_MAX_TOKENS": "48", **(env or {})}

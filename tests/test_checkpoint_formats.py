@@ -148,7 +148,7 @@ def test_not_a_vita_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 def _inspect(model: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
-    return subprocess.run([sys.executable, "-m", "server.cli", "inspect", model], check=False, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "clients.cli", "inspect", model], check=False, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **(env or {})})
 
 

@@ -149,7 +149,7 @@ def test_progress_gives_up_when_every_segment_was_noise() -> None:
 
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("VITA_URL", "VITA_API_KEY")}
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, check=False,
+    return subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True, check=False,
                           timeout=timeout, env={**clean, **(env or {})})
 
 

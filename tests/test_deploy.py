@@ -337,7 +337,7 @@ def test_prometheus_scrapes_the_annotated_pods() -> None:
 
 
 def _smoke(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return _run(sys.executable, "-m", "server.cli", "smoke", *args, timeout=timeout)
+    return _run(sys.executable, "-m", "clients.cli", "smoke", *args, timeout=timeout)
 
 
 def test_smoke_fails_clearly_when_nothing_listens() -> None:

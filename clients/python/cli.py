@@ -1,6 +1,6 @@
 """`vita-duplex talk` (a spoken turn over the realtime WebSocket) and `vita-duplex ask` (one chat completion).
 
-`server/cli.py` calls `add_subcommands(subparsers)`; each subcommand stores its runner as `client_command`.
+`clients/cli.py` calls `add_subcommands(subparsers)`; each subcommand stores its runner as `client_command`.
 Heavy imports happen inside the runners so the other `vita-duplex` commands do not pay for them.
 
 Exit status: 0 answered, 1 connection / authentication / server / timeout failures, 2 bad arguments or inputs,
@@ -43,8 +43,17 @@ class TalkFailed(Exception):
 # --- argument parsing ---------------------------------------------------------------------------------
 
 
-def add_subcommands(subparsers: Any) -> None:
-    """Add `talk` and `ask` to the `vita-duplex` parser (an argparse subparsers action)."""
+# Decodes a video file into frames (PIL images). The client imports only the wire layer, so the command line
+# above it (`clients/cli.py`) plugs in the model layer's decoder, which samples frames as VITA does.
+VideoFrames = Callable[[bytes], list[Any]]
+_video_frames: VideoFrames | None = None
+
+
+def add_subcommands(subparsers: Any, video_frames: VideoFrames | None = None) -> None:
+    """Add `talk` and `ask` to the `vita-duplex` parser (an argparse subparsers action). `video_frames` turns a
+    video file into frames for `talk --video`; without it `--video` is refused."""
+    global _video_frames  # one command-line process, set once before parsing
+    _video_frames = video_frames
     talk = subparsers.add_parser("talk", help="speak to a running server over the realtime WebSocket")
     source = talk.add_mutually_exclusive_group(required=True)
     source.add_argument("--file", type=Path, help="a speech file (WAV/FLAC/OGG, any rate), streamed in real time")
@@ -121,12 +130,11 @@ def image_bytes(path: Path) -> tuple[bytes, str]:
 
 def video_jpegs(path: Path) -> list[bytes]:
     """Frames of a video at 1 fps (VITA's policy: 4 to 16 frames), JPEG-encoded."""
-    from models.errors import InvalidMediaError
-    from models.inputs import video_file_frames
-
+    if _video_frames is None:
+        raise InputError("--video needs the model layer's video decoder (run it as `vita-duplex talk`)")
     try:
-        return [_jpeg(frame) for frame in video_file_frames(path.read_bytes())]
-    except (OSError, InvalidMediaError, ValueError) as exc:
+        return [_jpeg(frame) for frame in _video_frames(path.read_bytes())]
+    except (OSError, ValueError) as exc:  # the decoder's InvalidMediaError is a ValueError
         raise InputError(f"cannot read video {path}: {exc}") from None
 
 

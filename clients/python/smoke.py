@@ -264,16 +264,24 @@ def synthetic_speech(seconds: float = 1.6, sample_rate: int = SAMPLE_RATE) -> np
 
 
 def _resample(audio: np.ndarray, rate: int) -> np.ndarray:
-    from duplex.tts import resample
+    import soxr
 
-    return resample(audio, rate, SAMPLE_RATE)
+    if rate == SAMPLE_RATE:
+        return audio.astype(np.float32, copy=False)
+    return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32, copy=False)
+
+
+# A text-to-speech function (text -> (samples, rate)) for `--speech espeak`. The client imports only the wire
+# layer: `vita-duplex smoke` (clients/cli.py) plugs in the server's espeak voice when it is installed.
+Speaker = Callable[[str], tuple[np.ndarray, int]]
+_speaker: Speaker | None = None
 
 
 def _espeak_speech(text: str) -> np.ndarray:
-    from duplex.tts import EspeakTTS
-
-    tts = EspeakTTS()
-    return _resample(tts.synthesize_blocking(text), tts.sample_rate)
+    if _speaker is None:
+        raise RuntimeError("no espeak voice plugged in (run it as `vita-duplex smoke`)")
+    audio, rate = _speaker(text)
+    return _resample(audio, rate)
 
 
 def _file_speech(path: str) -> np.ndarray:
@@ -437,7 +445,9 @@ def run_check(name: str, fn: Callable[[], str]) -> Result:
     return Result(name, "PASS", detail, time.monotonic() - started)
 
 
-def main(argv: list[str] | None = None, prog: str = "vita-duplex smoke") -> int:
+def main(argv: list[str] | None = None, prog: str = "vita-duplex smoke", speaker: Speaker | None = None) -> int:
+    global _speaker  # one command-line process, set once before the checks
+    _speaker = speaker
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:

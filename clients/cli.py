@@ -1,4 +1,8 @@
-"""`vita-duplex` command line: build-tiny, generate (and later serve)."""
+"""`vita-duplex`: the one command, on the user's side of the layers, reaching down into each.
+
+`serve` runs the server (`server/serve.py`); `generate`, `inspect` and `build-tiny` use the model layer
+directly (no server); `talk`, `ask` and `smoke` are the Python client's (`clients/python`).
+"""
 
 from __future__ import annotations
 
@@ -63,13 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("smoke", add_help=False, help="check a running server after a rollout (smoke URL --help)")
 
     from clients.python.cli import add_subcommands  # talk, ask: the Python client's commands
+    from models.inputs import video_file_frames  # the client imports only the wire layer: we plug this in
 
-    add_subcommands(sub)
+    add_subcommands(sub, video_frames=video_file_frames)
     args = parser.parse_args(argv)
     if getattr(args, "client_command", None) is not None:
         return args.client_command(args)
     if args.command == "serve":
-        return _serve(args)
+        from server.serve import serve
+
+        return serve({k: v for k, v in vars(args).items() if k not in ("command", "config")}, args.config)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "build-tiny":
         from models.tiny import build_tiny
@@ -149,7 +156,15 @@ def _smoke(argv: list[str]) -> int:
     """`vita-duplex smoke URL`: what an operator runs after a rollout (clients/python/smoke.py)."""
     from clients.python.smoke import main as smoke_main
 
-    return smoke_main(argv)
+    return smoke_main(argv, speaker=espeak_speaker)
+
+
+def espeak_speaker(text: str) -> tuple[object, int]:
+    """The server's espeak voice (the optional GPL extra) for the smoke check's spoken question."""
+    from duplex.tts import EspeakTTS
+
+    tts = EspeakTTS()
+    return tts.synthesize_blocking(text), tts.sample_rate
 
 
 async def _generate(args: argparse.Namespace) -> int:
