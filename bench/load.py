@@ -63,10 +63,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from duplex.tts import resample
-from duplex.vad import SileroModel, SpeechEnded, SpeechStarted, VadParams, VadStream
+from duplex.vad import SileroModel, VadParams, VadSpeechEnd, VadSpeechStart, VadStream
 from models.tiny import build_tiny
-from server.audio_codec import AudioFormat, StreamResampler, decode
+from server.resampling import StreamResampler
 from server.settings import load_settings
+from server.wire.audio_codec import AudioFormat, decode
 from tests.speech import compose
 
 RATE = 24000  # the Realtime API's default PCM16 rate; the server resamples it to 16 kHz
@@ -130,9 +131,9 @@ def expected_events(events: list[str], n_events: int, params: VadParams) -> Expe
     for k in range(n_events):
         stream.push(to16(cycle[k % len(cycle)]))
         for ev in stream.process(model):
-            if isinstance(ev, SpeechStarted):
+            if isinstance(ev, VadSpeechStart):
                 out.starts[ev.start_sample // 16] = k
-            elif isinstance(ev, SpeechEnded):
+            elif isinstance(ev, VadSpeechEnd):
                 out.stops[ev.end_sample // 16] = k
     return out
 

@@ -7,12 +7,13 @@ import contextlib
 import io
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from openai.types import Model
 
 from duplex.runtime import VadHub
 from duplex.tts import TextOnlyTTS, TextToSpeech
@@ -21,35 +22,9 @@ from .auth import bearer_token, key_matches, origin_allowed
 from .engines import EnginePool
 from .metrics import Metrics
 from .settings import ServerSettings
+from .state import AppState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AppState:
-    """Everything the endpoints share. Per-session state lives in each session, never here."""
-
-    settings: ServerSettings
-    pool: EnginePool
-    vad: VadHub
-    metrics: Metrics
-    tts_factory: Callable[[], TextToSpeech]
-    active: int = 0
-    startup_error: str | None = None
-    shutting_down: bool = False
-    connections: set[Any] = field(default_factory=set)  # live realtime connections
-    background: set[Any] = field(default_factory=set)  # tasks that must outlive their session (socket closes)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def try_admit(self) -> bool:
-        if self.active >= self.settings.max_sessions:
-            self.metrics.sessions_rejected.inc()
-            return False
-        self.active += 1
-        return True
-
-    def release(self) -> None:
-        self.active = max(0, self.active - 1)
 
 
 def make_tts_factory(settings: ServerSettings) -> Callable[[], TextToSpeech]:
@@ -161,9 +136,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    # OpenAI's Model requires `created`. When a checkpoint was made is unknowable here, so it is when this
+    # server started serving it (vLLM puts the time of each request: a list that changes on every call).
+    serving_since = int(time.time())
+
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [{"id": state.pool.model_id, "object": "model", "owned_by": "vita-duplex"}]}
+        model = Model(id=state.pool.model_id, created=serving_since, object="model", owned_by="vita-duplex")
+        return {"object": "list", "data": [model.model_dump()]}
 
     from .chat import router as chat_router
     from .realtime import router as realtime_router

@@ -55,8 +55,8 @@ from models.state_tokens import (
 from .media import FetchPolicy, MediaURLRefusedError, decode_input_audio, load_image, load_video_frames
 
 if TYPE_CHECKING:
-    from .app import AppState
     from .settings import ServerSettings
+    from .state import AppState
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,6 @@ Allow-list entries: "example.com" (that host), "*.example.com" (its subdomains),
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ipaddress
 import socket
 import urllib.parse
@@ -29,6 +27,9 @@ from models.audio_features import MIN_SAMPLES, SAMPLE_RATE, decode_audio, pcm16_
 from models.errors import InvalidAudioError, InvalidImageError, InvalidMediaError, InvalidVideoError
 from models.image_tiling import as_image
 from models.inputs import video_file_frames
+
+from .wire import inline_data as wire_inline
+from .wire.inline_data import DataURL
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -91,42 +92,21 @@ def _norm_host(host: str) -> str:
     return host.strip().lower().rstrip(".").strip("[]")
 
 
-# --- data URLs and base64 -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DataURL:
-    mime: str  # lower case, no parameters; "" when the URL gives none
-    data: bytes
+# --- data URLs and base64 (decoded by the wire's one decoder; its errors become media errors here) ------
 
 
 def decode_base64(text: str, what: str) -> bytes:
-    """Standard or URL-safe base64, whitespace and missing padding tolerated; anything else refused."""
-    compact = "".join(text.split())
-    if not compact:
-        raise InvalidMediaError(f"{what} is empty; send base64-encoded bytes")
-    altchars = b"-_" if ("-" in compact or "_" in compact) else None
-    padded = compact + "=" * (-len(compact) % 4)
     try:
-        return base64.b64decode(padded, altchars=altchars, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidMediaError(
-            f"{what} is not valid base64 ({exc}); send standard base64-encoded bytes"
-        ) from None
+        return wire_inline.decode_base64(text, what)
+    except wire_inline.InlineDataError as exc:
+        raise InvalidMediaError(str(exc)) from None
 
 
 def parse_data_url(url: str, what: str = "data URL") -> DataURL:
-    """`data:[<mime>][;param=value]*[;base64],<data>` (RFC 2397)."""
-    if url[:5].lower() != "data:":
-        raise InvalidMediaError(f"{what} must start with 'data:'")
-    header, sep, payload = url[5:].partition(",")
-    if not sep:
-        raise InvalidMediaError(f"{what} has no ',' before its data; expected data:<mime>;base64,<data>")
-    params = [p.strip() for p in header.split(";")]
-    mime = params[0].lower()
-    if params[-1].lower() == "base64":
-        return DataURL(mime, decode_base64(payload, what))
-    return DataURL(mime, urllib.parse.unquote_to_bytes(payload))
+    try:
+        return wire_inline.parse_data_url(url, what)
+    except wire_inline.InlineDataError as exc:
+        raise InvalidMediaError(str(exc)) from None
 
 
 # --- remote fetch ---------------------------------------------------------------------------------

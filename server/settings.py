@@ -52,6 +52,8 @@ class ServerSettings(BaseSettings):
     vad_min_speech_ms: int = Field(250, ge=0)
     no_state_token_policy: Literal["answer", "ignore"] = "answer"
     echo_guard: bool = Field(True, description="ignore our own voice coming back through the microphone")
+    vita_events: bool = Field(True, description="send the vita.* realtime events unless a client connects with "
+                              "?vita_events=0 (strict GA clients, e.g. the OpenAI Agents SDK, report them as errors)")
 
     # Speech out
     tts: Literal["espeak", "http", "none"] = "espeak"

@@ -44,6 +44,8 @@ import websockets
 from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
 from hypothesis import strategies as st
 
+from server.wire.client_events import ALIASES, EVENT_TYPES, parse_client_event
+from server.wire.errors import ErrorCode, ProtocolError
 from tests.conftest import API_KEY
 
 pytestmark = [pytest.mark.vllm, pytest.mark.filterwarnings("ignore:Generating overly large repr")]
@@ -58,23 +60,11 @@ HUGE = 16 << 10  # longest generated string (raw frames: up to GIANT)
 GIANT = 256 << 10
 AUTH = {"Authorization": f"Bearer {API_KEY}"}  # never hand this dict itself to a library that may add to it
 
-KNOWN_TYPES = {
-    "session.update", "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
-    "conversation.item.create", "conversation.item.truncate", "conversation.item.delete", "response.create",
-    "response.cancel", "vita.frame.append", "vita.text.append",
-}
-ALIASES = {"transcription_session.update": "session.update"}
-# Codes the realtime endpoint documents (server/protocol.py, server/realtime.py, duplex/controller.py).
-KNOWN_CODES = {
-    "invalid_json", "invalid_event", "missing_type", "unknown_event_type", "invalid_value",
-    "binary_not_supported", "event_too_large", "invalid_audio_format", "audio_output_unavailable",
-    "unsupported_turn_detection", "invalid_audio", "input_audio_buffer_full", "input_audio_buffer_commit_empty",
-    "unsupported_item", "invalid_content", "invalid_image", "item_not_found", "item_delete_unsupported",
-    "instructions_too_long",
-    "conversation_already_has_active_response", "response_create_without_input", "response_cancel_not_active",
-    "truncate_unknown_response", "engine_error",
-}
-PARSE_CODES = {"invalid_json", "invalid_event", "missing_type", "unknown_event_type", "invalid_value"}
+KNOWN_TYPES = EVENT_TYPES
+# Codes the realtime endpoint documents: one enum (server/wire/errors.py) for the server and its tests.
+KNOWN_CODES = frozenset(ErrorCode)
+PARSE_CODES = {ErrorCode.INVALID_JSON, ErrorCode.INVALID_EVENT, ErrorCode.MISSING_TYPE, ErrorCode.UNKNOWN_EVENT_TYPE,
+               ErrorCode.INVALID_VALUE}
 ANY = frozenset({"*"})  # any code will do (the frame is invalid, the server may name it as it likes)
 UNSURE = frozenset({"?"})  # valid or not depends on the server's stack depth: not checked
 
@@ -241,6 +231,8 @@ valid_looking = st.one_of(
     _event("conversation.item.truncate", {"item_id": wrong(ids), "audio_end_ms": wrong(ints)},
            {"content_index": wrong(ints)}),
     _event("conversation.item.delete", {"item_id": wrong(ids)}),
+    _event("conversation.item.retrieve", {"item_id": wrong(ids)}),
+    _event("output_audio_buffer.clear"),
     _event("response.create", {}, {"response": wrong(response_config)}),
     _event("response.cancel", {}, {"response_id": wrong(ids)}),
     _event("vita.frame.append", {"image": wrong(images)}),
@@ -248,7 +240,7 @@ valid_looking = st.one_of(
 )
 near_miss_types = st.sampled_from([
     "session.updated", "Session.Update", "response.create ", " response.create", "response", "error",
-    "input_audio_buffer.append\x00", "vita.", "vita.frame", "conversation.item.retrieve", "output_audio_buffer.clear",
+    "input_audio_buffer.append\x00", "vita.", "vita.frame", "conversation.item.retrieved", "output_audio_buffer.cleared",
     "transcription_session.update ", "",
 ])
 deep = st.builds(lambda n, opener: opener * n, st.integers(1, 5000), st.sampled_from(["[", '{"a":', '{"type":[']))
@@ -355,8 +347,6 @@ def expected_codes(payload: str | bytes) -> frozenset[str] | None:
 
 
 def expected_codes_parsed(payload: str, data: Any) -> frozenset[str] | None:
-    from server.protocol import ProtocolError, parse_client_event
-
     if not isinstance(data, dict):
         return frozenset({"invalid_event"})
     kind = data.get("type")
@@ -676,8 +666,6 @@ def _short(payload: str | bytes, n: int = 160) -> str:
 
 def _suspects(payloads: list[str | bytes]) -> str:
     """Frames the server's own parser cannot even refuse cleanly (run here, in the test process)."""
-    from server.protocol import ProtocolError, parse_client_event
-
     out = []
     for p in payloads:
         if isinstance(p, bytes) or len(p) > MAX_EVENT_BYTES:
@@ -686,7 +674,7 @@ def _suspects(payloads: list[str | bytes]) -> str:
             parse_client_event(p)
         except ProtocolError as exc:
             try:
-                json.dumps(exc.event(), ensure_ascii=False).encode()
+                json.dumps(exc.as_error().model_dump(), ensure_ascii=False).encode()
             except UnicodeEncodeError as bad:
                 out.append(f"{_short(p)} -> its error event cannot be sent as UTF-8 ({bad.reason}: "
                            f"{bad.object[bad.start:bad.end]!r})")

@@ -157,7 +157,7 @@ def test_streaming_delay_and_20ms_chunks() -> None:
 
 
 def test_server_stream_resampler_is_the_exact_one() -> None:
-    from server.audio_codec import StreamResampler
+    from server.resampling import StreamResampler
 
     x = _noise(0.5, 24000, seed=9)
     codec = StreamResampler(24000, 16000)

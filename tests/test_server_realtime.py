@@ -179,6 +179,8 @@ async def test_system_items_cannot_grow_the_instructions_without_bound(server_ur
             await ws.send(json.dumps({"type": "conversation.item.create", "event_id": f"sys{n}", "item": {
                 "type": "message", "role": "system", "content": [{"type": "input_text", "text": str(n) * 12_000}]}}))
             reply = await _next_json(ws)
+            while reply["type"] == "conversation.item.done":  # the previous item's
+                reply = await _next_json(ws)
             if n < 2:
                 assert reply["type"] == "conversation.item.added", reply
         assert reply["type"] == "error" and reply["error"]["code"] == "instructions_too_long", reply

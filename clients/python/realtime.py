@@ -7,7 +7,7 @@
             if event.type == "response.done":
                 break
 
-Outgoing events are built with the server's own pydantic models (`server/protocol.py`), so a malformed call
+Outgoing events are built with the protocol's own pydantic models (`server/wire/client_events.py`), so a malformed call
 fails here with pydantic's message instead of as an `error` event one round trip later. Server `error`
 events are yielded like any other event (see `ServerEvent.error`); only a closed socket ends `events()`.
 """
@@ -37,8 +37,8 @@ from websockets.exceptions import (
     InvalidURI,
 )
 
-from server.audio_codec import AudioFormat, AudioFormatError, encode
-from server.protocol import (
+from server.wire.audio_codec import AudioFormat, AudioFormatError, encode
+from server.wire.client_events import (
     AudioAppend,
     AudioClear,
     AudioCommit,

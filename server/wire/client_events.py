@@ -1,8 +1,9 @@
-"""OpenAI Realtime client events as pydantic models (GA names; beta names accepted as aliases), and
-the server's `error` event. VITA's own events live under the `vita.` prefix.
+"""OpenAI Realtime client events as pydantic models (GA names; beta names accepted as aliases). VITA's
+own events live under the `vita.` prefix.
 
-`parse_client_event(text)` returns a model or raises `ProtocolError` carrying the OpenAI error fields,
-so the socket can answer with an `error` event and stay open.
+Lenient where OpenAI's clients differ (unknown fields are ignored: the Agents SDK sends `tracing`,
+`tools`, `audio.input.transcription`...), strict where a value would be misread. `parse_client_event(text)`
+returns a model or raises `ProtocolError`, so the socket can answer with an `error` event and stay open.
 """
 
 from __future__ import annotations
@@ -12,23 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-
-class ProtocolError(Exception):
-    def __init__(self, code: str, message: str, param: str | None = None, event_id: str | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.param, self.event_id = code, message, param, event_id
-
-    def event(self) -> dict[str, Any]:
-        return error_event(self.code, self.message, self.param, self.event_id)
-
-
-def error_event(
-    code: str, message: str, param: str | None = None, event_id: str | None = None, kind: str = "invalid_request_error"
-) -> dict[str, Any]:
-    return {
-        "type": "error",
-        "error": {"type": kind, "code": code, "message": message, "param": param, "event_id": event_id},
-    }
+from .errors import ErrorCode, ProtocolError
 
 
 class _Event(BaseModel):
@@ -45,7 +30,7 @@ class TurnDetection(BaseModel):
     create_response: bool | None = None
     interrupt_response: bool | None = None
     idle_timeout_ms: int | None = None
-    eagerness: str | None = None
+    eagerness: Literal["low", "medium", "high", "auto"] | None = None  # semantic_vad
 
 
 class _AudioIO(BaseModel):
@@ -141,6 +126,17 @@ class ItemDelete(_Event):
     item_id: str
 
 
+class ItemRetrieve(_Event):
+    type: Literal["conversation.item.retrieve"]
+    item_id: str
+
+
+class OutputAudioBufferClear(_Event):
+    """GA: WebRTC/SIP only (there the server holds the playback buffer); answered with an error here."""
+
+    type: Literal["output_audio_buffer.clear"]
+
+
 class ResponseConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
     output_modalities: list[Literal["text", "audio"]] | None = None
@@ -182,8 +178,8 @@ class TextAppend(_Event):
 
 
 ClientEvent = (
-    SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | ItemTruncate | ItemDelete
-    | ResponseCreate | ResponseCancel | FrameAppend | TextAppend
+    SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | ItemTruncate | ItemDelete | ItemRetrieve
+    | OutputAudioBufferClear | ResponseCreate | ResponseCancel | FrameAppend | TextAppend
 )
 
 _MODELS: dict[str, type[BaseModel]] = {
@@ -194,13 +190,17 @@ _MODELS: dict[str, type[BaseModel]] = {
     "conversation.item.create": ItemCreate,
     "conversation.item.truncate": ItemTruncate,
     "conversation.item.delete": ItemDelete,
+    "conversation.item.retrieve": ItemRetrieve,
+    "output_audio_buffer.clear": OutputAudioBufferClear,
     "response.create": ResponseCreate,
     "response.cancel": ResponseCancel,
     "vita.frame.append": FrameAppend,
     "vita.text.append": TextAppend,
 }
 # Beta spellings of client events that were renamed in GA.
-_ALIASES: dict[str, str] = {"transcription_session.update": "session.update"}
+ALIASES: dict[str, str] = {"transcription_session.update": "session.update"}
+# Every client event type the server knows, beta aliases included (the fuzzer draws from these).
+EVENT_TYPES: frozenset[str] = frozenset(_MODELS)
 
 
 def parse_client_event(text: str | bytes) -> ClientEvent:
@@ -209,21 +209,22 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
         # Lone surrogates are valid JSON escapes but not text: refuse them before they reach anything.
         json.dumps(data, ensure_ascii=False).encode()
     except (ValueError, RecursionError, UnicodeError) as exc:  # bad JSON, 5000-digit ints, deep nesting
-        raise ProtocolError("invalid_json", f"event is not valid JSON text: {str(exc)[:200]}") from None
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"event is not valid JSON text: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
-        raise ProtocolError("invalid_event", "an event must be a JSON object with a 'type' field")
+        raise ProtocolError(ErrorCode.INVALID_EVENT, "an event must be a JSON object with a 'type' field")
     event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
     kind = data.get("type")
     if not isinstance(kind, str):
-        raise ProtocolError("missing_type", "the event has no string 'type' field", "type", event_id)
-    kind = _ALIASES.get(kind, kind)
+        raise ProtocolError(ErrorCode.MISSING_TYPE, "the event has no string 'type' field", "type", event_id)
+    kind = ALIASES.get(kind, kind)
     model = _MODELS.get(kind)
     if model is None:
         known = ", ".join(sorted(_MODELS))
-        raise ProtocolError("unknown_event_type", f"unknown event type {kind!r}; accepted: {known}", "type", event_id)
+        raise ProtocolError(ErrorCode.UNKNOWN_EVENT_TYPE, f"unknown event type {kind!r}; accepted: {known}", "type",
+                            event_id)
     try:
         return model.model_validate({**data, "type": kind})  # type: ignore[return-value]
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"])
-        raise ProtocolError("invalid_value", f"{kind}: {param}: {first['msg']}", param, event_id) from None
+        raise ProtocolError(ErrorCode.INVALID_VALUE, f"{kind}: {param}: {first['msg']}", param, event_id) from None

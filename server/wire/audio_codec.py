@@ -1,15 +1,11 @@
 """Wire audio formats of the Realtime protocol: PCM16 (24 or 16 kHz) and G.711 μ-law / A-law (8 kHz).
 
-Input is decoded to float32 and resampled to 16 kHz with a streaming resampler per session (no clicks
-at chunk edges). The 16 kHz stream feeds the VAD and is what the model hears (speech segments are slices
-of it), so the resampler is VITA's: torchaudio's default sinc filter (`models.resample`), whose chunked
-output equals offline resampling of the whole stream. Output goes the other way with the same class.
+Bytes ↔ float32 samples at the format's own rate; nothing more. Changing the rate (to the 16 kHz the
+model hears, and back) is DSP, not wire: server/resampling.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,15 +45,6 @@ class AudioFormat:
         return {"type": f"audio/{self.encoding}"}
 
 
-def decode_base64(data: object) -> bytes:
-    if not isinstance(data, str):
-        raise AudioFormatError("audio must be a base64 string")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise AudioFormatError(f"audio is not valid base64: {exc}") from None
-
-
 def _mulaw_table() -> np.ndarray:
     codes = ~np.arange(256, dtype=np.uint8)
     sign = codes & 0x80
@@ -80,6 +67,15 @@ _MULAW = _mulaw_table()
 _ALAW = _alaw_table()
 
 
+def _sorted(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(table)  # default sort kind: ties (+0 and -0) map to the codes they always did
+    return order, table[order]
+
+
+_MULAW_SORTED = _sorted(_MULAW)
+_ALAW_SORTED = _sorted(_ALAW)
+
+
 def decode(raw: bytes, fmt: AudioFormat) -> np.ndarray:
     """Wire bytes → float32 samples at fmt.rate."""
     if fmt.encoding == "pcm16":
@@ -95,45 +91,9 @@ def encode(samples: np.ndarray, fmt: AudioFormat) -> bytes:
     pcm = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
     if fmt.encoding == "pcm16":
         return (pcm * 32767.0).astype("<i2").tobytes()
-    table = _MULAW if fmt.encoding == "pcmu" else _ALAW
-    # nearest code by value: the tables are small, searchsorted over the sorted table
-    order = np.argsort(table)
-    sorted_vals = table[order]
+    order, sorted_vals = _MULAW_SORTED if fmt.encoding == "pcmu" else _ALAW_SORTED
+    # nearest code by value: searchsorted over the table sorted once at import
     idx = np.clip(np.searchsorted(sorted_vals, pcm), 1, 255)
     left, right = sorted_vals[idx - 1], sorted_vals[idx]
     idx = np.where(np.abs(pcm - left) <= np.abs(pcm - right), idx - 1, idx)
     return order[idx].astype(np.uint8).tobytes()
-
-
-class StreamResampler:
-    """Chunk-by-chunk resampling that is seamless across chunks and equal to offline resampling.
-
-    The concatenation of all outputs plus `flush()` equals `models.resample.resample` of the whole
-    stream (torchaudio's `Resample`, as VITA used it), to float32 rounding. A chunk's output lags its
-    input by `delay_samples` input samples (24 -> 16 kHz: 13, i.e. 0.54 ms); soxr's stream held back
-    ~16 ms and emitted in bursts. Cost: ~9 us per 20 ms chunk at 24 -> 16 kHz (soxr: ~6.5 us).
-    A one-shot call (a fresh resampler, one chunk) must add `flush()` to get the tail.
-    """
-
-    def __init__(self, in_rate: int, out_rate: int) -> None:
-        # Imported here: the Python client imports this module for AudioFormat/encode and needs no torch.
-        from models.resample import StreamingResampler
-
-        self.in_rate, self.out_rate = in_rate, out_rate
-        self._stream = None if in_rate == out_rate else StreamingResampler(in_rate, out_rate)
-
-    @property
-    def delay_samples(self) -> int:
-        """Input samples held back until more input (or `flush`) arrives."""
-        return 0 if self._stream is None else self._stream.delay_samples
-
-    def __call__(self, samples: np.ndarray) -> np.ndarray:
-        if self._stream is None:
-            return samples.astype(np.float32, copy=False)
-        return self._stream(samples)
-
-    def flush(self) -> np.ndarray:
-        """End of stream: the held-back tail (empty when the rates are equal); the resampler starts over."""
-        if self._stream is None:
-            return np.zeros(0, dtype=np.float32)
-        return self._stream.flush()
