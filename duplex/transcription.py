@@ -38,6 +38,7 @@ import re
 import signal
 import time
 import wave
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -298,17 +299,18 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     return previous[-1] / len(ref)
 
 
-class _Backend:
+class _Backend(ABC):
     """What every backend shares: ``transcribe_stream`` built on ``transcribe`` for a backend that only
     has whole answers (one delta with the whole text, as OpenAI's whisper-1 does)."""
 
     name = "?"
     enabled = True
 
+    @abstractmethod
     async def transcribe(
         self, samples_16k: np.ndarray, *, language: str | None = None, prompt: str | None = None
     ) -> Transcript:
-        raise NotImplementedError
+        """The whole transcript of one utterance; each backend defines it."""
 
     async def transcribe_stream(
         self, samples_16k: np.ndarray, *, language: str | None = None, prompt: str | None = None

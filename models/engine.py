@@ -102,7 +102,22 @@ class Delta:
     num_prompt_tokens: int | None = None  # on the first delta: the prompt after media expansion
 
 
-class VitaEngine:
+class AsyncLLMRequests:
+    """Request bookkeeping shared by every engine that owns a vLLM `AsyncLLM` in `self._llm` (None once shut down)."""
+
+    _llm: Any
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None and not self._llm.errored:
+            await self._llm.abort(request_id)
+
+    def num_unfinished(self) -> int:
+        if self._llm is None:
+            return 0
+        return int(self._llm.output_processor.get_num_unfinished_requests())
+
+
+class VitaEngine(AsyncLLMRequests):
     """A started engine. Create with `await VitaEngine.start(settings)`; close with `shutdown()`."""
 
     def __init__(self, llm: Any, settings: EngineSettings, config: VitaConfig, tokenizer: Any) -> None:
@@ -183,15 +198,6 @@ class VitaEngine:
                 logprobs=_logprob_dicts(completion.logprobs),
                 num_prompt_tokens=prompt_tokens,
             )
-
-    async def abort(self, request_id: str) -> None:
-        if self._llm is not None and not self._llm.errored:
-            await self._llm.abort(request_id)
-
-    def num_unfinished(self) -> int:
-        if self._llm is None:
-            return 0
-        return int(self._llm.output_processor.get_num_unfinished_requests())
 
     @property
     def is_running(self) -> bool:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine import AsyncLLMRequests
 from .config import TTSCheckpoint, open_tts_checkpoint
 from .reference import ReferenceCodec, ReferenceDecoder
 from .streaming import CodecWindow, SentenceStream, StreamParams
@@ -111,7 +112,7 @@ class CodecBatcher:
             self._task.cancel()
 
 
-class VoiceEngine:
+class VoiceEngine(AsyncLLMRequests):
     def __init__(
         self,
         llm: Any,
@@ -273,15 +274,6 @@ class VoiceEngine:
             stats.first_audio = time.perf_counter()
         stats.samples += piece.numel()
         return piece.to(torch.float32).numpy().astype(np.float32, copy=False)
-
-    async def abort(self, request_id: str) -> None:
-        if self._llm is not None and not self._llm.errored:
-            await self._llm.abort(request_id)
-
-    def num_unfinished(self) -> int:
-        if self._llm is None:
-            return 0
-        return int(self._llm.output_processor.get_num_unfinished_requests())
 
     async def shutdown(self) -> None:
         self.codec_batcher.close()
