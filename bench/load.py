@@ -58,13 +58,14 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import ServeProcess, pct  # bench/common.py
+from common import pct, shown_command  # bench/common.py
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from duplex.tts import resample
 from duplex.vad import SileroModel, VadParams, VadSpeechEnd, VadSpeechStart, VadStream
 from models.tiny import build_tiny
+from server.process import ServerProcess
 from server.resampling import StreamResampler
 from server.settings import load_settings
 from server.wire.audio_codec import AudioFormat, decode
@@ -271,10 +272,11 @@ async def loop_lag(samples: list[float], stop: asyncio.Event) -> None:
 # --- the server ---------------------------------------------------------------------------------
 
 
-class Server(ServeProcess):
+class Server(ServerProcess):
     def __init__(self, model: Path, sessions: int, max_tokens: int, log_path: Path) -> None:
-        super().__init__(model, log_path, {"VITA_MAX_SESSIONS": str(max(256, sessions)),
-                                           "VITA_MAX_TOKENS": str(max_tokens), "VITA_LOG_LEVEL": "WARNING"})
+        super().__init__(model, log_path, "--tts", "none", env={
+            "VITA_MAX_SESSIONS": str(max(256, sessions)), "VITA_MAX_TOKENS": str(max_tokens),
+            "VITA_LOG_LEVEL": "WARNING"})
         self.ps = psutil.Process(self.proc.pid)
 
     def tree(self) -> list[psutil.Process]:
@@ -360,7 +362,7 @@ async def main(args: argparse.Namespace) -> None:
         model = build_tiny("vita15", Path(tmp) / "query", seed=5, force="query", never_stop=True)
         server = Server(model, n, args.max_tokens, Path(tempfile.gettempdir()) / f"load.{os.getpid()}.server.log")
         try:
-            await server.wait_ready()
+            await asyncio.to_thread(server.wait_ready)
             url = f"ws://127.0.0.1:{server.port}/v1/realtime"
             await warm_up(url, events)
             await asyncio.sleep(2.0)
@@ -449,7 +451,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"\nload: {n} sessions x {args.seconds:.0f} s real-time speech ({question_s:.1f} s question + {args.pause:.1f} s "
           f"silence, cycle {cycle_s:.2f} s), {args.chunk_ms} ms PCM16 {RATE} Hz events, "
           f"{'no compression' if args.no_deflate else 'permessage-deflate'}, text answers of {args.max_tokens} tokens")
-    print(f"server: {' '.join(server.cmd[1:])}  (env {' '.join(f'{k}={v}' for k, v in server.env_extra.items())})")
+    print(f"server: {shown_command(server)}")
     print(f"load average before / after: {' '.join(f'{x:.1f}' for x in load_before)} / "
           f"{' '.join(f'{x:.1f}' for x in load_after)}  ({os.cpu_count()} CPUs)")
     rows = [

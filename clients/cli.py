@@ -45,25 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache cap on CPU (ignored on GPU)")
 
-    serve = sub.add_parser("serve", help="run the server (no --model: the embedded CPU demo model)")
-    serve.add_argument("--model", dest="models", action="append",
-                       help="checkpoint dir or hub id; twice for two engines")
+    serve = sub.add_parser("serve", help="run the server (no --model: the embedded CPU demo model)",
+                           description="Every setting is a flag (server/settings.py); VITA_* environment "
+                                       "variables and --config fill in what is not given.")
     serve.add_argument("--config", type=Path, help="TOML or JSON settings file (same names as VITA_* vars)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--engines", type=int, choices=[1, 2])
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--gpu-ids", type=lambda s: s.split(","), help="per engine, e.g. 0,1")
-    serve.add_argument("--gpu-memory-utilization", type=float)
-    serve.add_argument("--tensor-parallel-size", type=int)
-    serve.add_argument("--kv-cache-mib", type=int)
-    serve.add_argument("--cpu-cores", type=lambda s: s.split(","), help="per engine on CPU, e.g. 0,1")
-    serve.add_argument("--dtype")
-    serve.add_argument("--api-key", dest="api_keys", action="append", help="repeatable")
-    serve.add_argument("--max-sessions", type=int)
-    serve.add_argument("--tts", choices=["espeak", "http", "none"])
-    serve.add_argument("--tts-url")
-    serve.add_argument("--log-format", choices=["text", "json"])
+    from server.settings import add_cli_arguments
+
+    serve_flags = add_cli_arguments(serve)
     sub.add_parser("smoke", add_help=False, help="check a running server after a rollout (smoke URL --help)")
 
     from clients.python.cli import add_subcommands  # talk, ask: the Python client's commands
@@ -76,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from server.serve import serve
 
-        return serve({k: v for k, v in vars(args).items() if k not in ("command", "config")}, args.config)
+        return serve(serve_flags(parsed_args=args)(), args.config)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "build-tiny":
         from models.tiny import build_tiny

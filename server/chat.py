@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import anyio
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from duplex.sentences import SentenceChunker
@@ -65,6 +66,7 @@ router = APIRouter()
 OUTPUT_SAMPLE_RATE = 24_000  # what OpenAI clients expect from audio output
 MAX_BODY_BYTES = 64 << 20  # room for a base64 video data URL; media caps in server/media.py are tighter
 AUDIO_EXPIRES_S = 3600
+SSE_PING_S = 15  # an SSE comment this often while waiting: idle proxies (nginx: 60 s) keep the stream open
 PART_TYPES = ("text", "image_url", "input_audio", "video_url")
 
 
@@ -595,7 +597,8 @@ async def _complete(
 
 
 def _event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    """One SSE event's data (sse-starlette frames it as `data: …` lines)."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 
 async def _stream(
@@ -650,15 +653,16 @@ async def _stream(
         yield _event({"error": {**error, "param": None}})
     finally:
         await gen.close()
-    yield "data: [DONE]\n\n"
+    yield "[DONE]"
 
 
-class _EventStream(StreamingResponse):
-    """SSE whose `on_close` runs however the response ends: completed, client gone, or never started."""
+class _EventStream(EventSourceResponse):
+    """SSE (sse-starlette: the framing, keep-alive pings, client-disconnect detection) whose `on_close` runs
+    however the response ends: completed, client gone, or never started."""
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        super().__init__(content, media_type="text/event-stream", headers=headers)
+        # "\n" line ends as OpenAI's own stream; pings keep idle proxies from cutting a long first token.
+        super().__init__(content, sep="\n", ping=SSE_PING_S)
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

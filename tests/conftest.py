@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from server.process import ServerProcess as _ServerProcess
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
@@ -92,62 +94,11 @@ async def forced_engines(forced_dirs: dict[str, Path]) -> AsyncIterator[dict[str
 API_KEY = "test-key-123"
 
 
-def _free_port() -> int:
-    import socket
+class ServerProcess(_ServerProcess):
+    """server/process.py's helper with the tests' defaults: both cores for the engines, 48-token answers."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A real `vita-duplex serve` subprocess; `url` is its http:// base URL, `log_path` its output."""
-
-    def __init__(self, model: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        import subprocess
-        import sys
-
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / "server.log"
-        cmd = [
-            sys.executable, "-m", "clients.cli", "serve", "--model", str(model), "--port", str(self.port),
-            "--kv-cache-mib", "64", "--device", "cpu", *args,
-        ]
-        full_env = {**os.environ, "VITA_CPU_CORES": "0,1", "VITA_MAX_TOKENS": "48", **(env or {})}
-        with open(self.log_path, "w") as log_file:
-            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
-
-    def wait_ready(self, timeout: float = 400.0) -> None:
-        import time
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in {timeout:.0f} s:\n{self.log()[-4000:]}")
-            time.sleep(0.5)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+    def __init__(self, model: Path | None, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(model, log_dir, *args, env={"VITA_CPU_CORES": "0,1", "VITA_MAX_TOKENS": "48", **(env or {})})
 
 
 @pytest.fixture(scope="session")

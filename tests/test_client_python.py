@@ -18,7 +18,8 @@ from PIL import Image
 
 from clients.python import RealtimeClient, ServerEvent, realtime_url
 from clients.python.cli import EventPrinter, Progress
-from tests.conftest import API_KEY, DATA, _free_port
+from server.process import free_port
+from tests.conftest import API_KEY, DATA
 from tests.speech import compose
 
 pytestmark = pytest.mark.vllm
@@ -206,7 +207,7 @@ def test_ask_streams_an_answer_to_speech(server_url: str) -> None:
 
 
 def test_talk_without_a_server_says_so(question_wav: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     run = _cli("talk", "--file", str(question_wav), "--url", url, timeout=60)
     assert run.returncode != 0
     assert f"could not connect to {url}: is the server running?" in run.stderr

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import API_KEY, _free_port
+from server.process import free_port
+from tests.conftest import API_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -341,7 +342,7 @@ def _smoke(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]
 
 
 def test_smoke_fails_clearly_when_nothing_listens() -> None:
-    port = _free_port()
+    port = free_port()
     result = _smoke(f"http://127.0.0.1:{port}", "--timeout", "5")
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.splitlines()

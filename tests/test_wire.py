@@ -17,7 +17,7 @@ from openai.types.realtime import (
     SessionUpdatedEvent,
 )
 
-from server.wire.audio_codec import AudioFormat, decode, encode
+from server.wire.audio_codec import AudioFormat, AudioFormatError, decode, encode
 from server.wire.errors import ErrorCode, realtime_error
 from server.wire.inline_data import InlineDataError, decode_base64, decode_inline, parse_data_url
 from server.wire.items import assistant_message, user_message
@@ -202,3 +202,22 @@ def test_codecs_round_trip(fmt: AudioFormat) -> None:
 
     x = (0.5 * np.sin(np.arange(800) / 7)).astype(np.float32)
     assert np.max(np.abs(decode(encode(x, fmt), fmt) - x)) < (2e-4 if fmt.encoding == "pcm16" else 0.02)
+
+
+@pytest.mark.parametrize("encoding", ["pcmu", "pcma"])
+def test_g711_is_the_itu_table(encoding: str) -> None:
+    """Known G.711 code points, and every code survives decode → encode unchanged (μ-law's two zeros aside)."""
+    import numpy as np
+
+    fmt = AudioFormat(encoding, 8000)  # type: ignore[arg-type]
+    known = {"pcmu": {0xFF: 0, 0x80: 32124, 0x00: -32124, 0x7F: 0},
+             "pcma": {0xD5: 8, 0x55: -8, 0xAA: 32256, 0x2A: -32256}}[encoding]
+    for code, value in known.items():
+        assert decode(bytes([code]), fmt)[0] * 32768.0 == value, hex(code)
+    codes = bytes(range(256))
+    again = encode(decode(codes, fmt) * (32768.0 / 32767.0), fmt)
+    differing = [c for c, d in zip(codes, again, strict=True) if c != d]
+    assert differing in ([], [0x7F]), differing  # μ-law 0x7F is the negative zero; it encodes as 0xFF
+    with pytest.raises(AudioFormatError):
+        decode(b"\x00", AudioFormat("pcm16", 24000))
+    assert np.all(np.abs(decode(encode(np.array([1.5, -1.5], np.float32), fmt), fmt)) > 0.9)  # clipped, not wrapped
