@@ -26,6 +26,12 @@ same matrix work as vLLM's, while decode steps, dominated by kernel launches, ar
 (kaldi-native-fbank) when importable; otherwise a random tensor of the same shape is used, and the
 table says so. Sizes come from ``models.config.published_config("vita15")`` when that imports (it
 needs transformers 5); otherwise from the copy below (tests check the two agree).
+
+The vita voice (VITA-1.5's speech decoder + TiCodec, ``models/vita_tts/reference.py``) gets its own rows: the
+NAR + AR prompt pass of a 12-token first sentence, one AR step, TiCodec on the first 30-token window, and their
+sum to the first audio. Its real sizes are an assumption stated in the header (``VOICE_DECODER``,
+``VOICE_CODEC``: the published Freeze-Omni decoder, which VITA-1.5's is). ``--voice-only`` times just these
+(real size fits a small CPU box: ~0.5 GiB).
 """
 
 from __future__ import annotations
@@ -517,6 +523,134 @@ def run_stages(
 
 
 # ----------------------------------------------------------------------------------------------------
+# The vita voice: speech decoder (NAR + AR) and TiCodec, at real size
+# ----------------------------------------------------------------------------------------------------
+
+# ASSUMPTION: VITA-1.5's vita_tts_ckpt/ is not read here. Its sizes are taken to be those of the published
+# Freeze-Omni checkpoint's decoder/model.json and codec/model.json, whose speech decoder and TiCodec VITA-1.5's
+# own is (same code, vita/model/vita_tts/): input vectors of 896 = the 3584-d LLM embedding row cut in 4,
+# width 896 with 14 heads of 64, FFN 4864, 4 AR layers + 2 NAR (pre_nn) layers, 1024 codec codes (+4 specials),
+# RoPE over 2048 positions; TiCodec 512 -> 32 channels over upsampling 8*5*5*3 = 600 samples per token at 24 kHz.
+VOICE_DECODER = {"idim": 896, "odim": 1024, "hidden_size": 896, "intermediate_size": 4864, "num_layers": 4,
+                 "num_heads": 14, "output_dim": 896}
+VOICE_CODEC = {
+    "upsample_rates": (8, 5, 5, 3), "upsample_kernel_sizes": (16, 11, 11, 5), "upsample_initial_channel": 512,
+    "resblock": "1", "resblock_kernel_sizes": (3, 7, 11), "resblock_dilation_sizes": ((1, 3, 5),) * 3,
+    "n_codes": 1024, "n_code_groups": 1, "residul_layer": 1, "global_code_num": 8,
+    "global_tokens": (473, 975, 419, 219, 565, 121, 550, 616),
+}
+VOICE_SOURCE = "assumed = Freeze-Omni's published decoder/codec model.json (VITA-1.5 reuses that decoder)"
+VOICE_TEXT_TOKENS = 12  # a first sentence of about eight words
+FIRST_WINDOW = 30  # upstream's first audio chunk: 20 kept + 10 padding codec tokens (0.5 s of speech)
+VOICE_STAGES = ("voice_prompt", "voice_step", "voice_codec")
+
+
+@dataclass
+class Voice:
+    decoder: object  # models.vita_tts.reference.ReferenceDecoder
+    codec: object  # models.vita_tts.reference.ReferenceCodec
+    source: str
+
+    def param_counts(self) -> dict[str, int]:
+        from models.vita_tts.reference import codec_shapes, decoder_shapes
+
+        return {
+            "speech decoder (NAR + AR + head)": sum(math.prod(s) for s in decoder_shapes(self.decoder.cfg).values()),
+            "TiCodec decoder side": sum(math.prod(s) for s in codec_shapes(self.codec.cfg).values()),
+        }
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """What vLLM's paged KV cache holds per codec token: K and V of every AR layer."""
+        cfg = self.decoder.cfg
+        return 2 * cfg.num_layers * cfg.hidden_size * torch.tensor([], dtype=dtype).element_size()
+
+
+def build_voice(tiny: bool, device: torch.device, dtype: torch.dtype) -> Voice:
+    """The pure-torch transcription of upstream's speech decoder and TiCodec (models/vita_tts/reference.py,
+    the math the served engine is checked against) with random weights (eos banned, so a sentence never ends
+    early), on ``device`` in ``dtype``."""
+    from models.vita_tts.config import CodecConfig, DecoderConfig
+    from models.vita_tts.reference import ReferenceCodec, ReferenceDecoder
+    from models.vita_tts.tiny import (
+        random_codec_weights,
+        random_decoder_weights,
+        tiny_codec_config,
+        tiny_decoder_config,
+    )
+
+    if tiny:
+        dcfg, ccfg, source = tiny_decoder_config(), tiny_codec_config(), "--tiny (models/vita_tts/tiny.py)"
+    else:
+        dcfg, ccfg, source = DecoderConfig(**VOICE_DECODER), CodecConfig(**VOICE_CODEC), VOICE_SOURCE
+    dw = {k: v.to(device=device, dtype=dtype) for k, v in random_decoder_weights(dcfg).items()}
+    cw = {k: v.to(device=device, dtype=dtype) for k, v in random_codec_weights(ccfg).items()}
+    return Voice(ReferenceDecoder(dcfg, dw, dtype), ReferenceCodec(ccfg, cw, dtype), source)
+
+
+@dataclass
+class VoiceRun:
+    vectors: int
+    samples: dict[str, list[float]]
+    window_samples: int
+
+
+def run_voice(
+    voice: Voice, llm_hidden: int, device: torch.device, dtype: torch.dtype, *, repeats: int, warmup: int
+) -> VoiceRun:
+    """One first sentence: the NAR + AR prompt pass (what the server runs in torch before vLLM), the AR steps
+    to the first window (each ending with its token on the host), and TiCodec on that window (to the host)."""
+    decoder, codec = voice.decoder, voice.codec
+    cfg = decoder.cfg  # type: ignore[attr-defined]
+    n = VOICE_TEXT_TOKENS * max(1, llm_hidden // cfg.idim)
+    vectors = torch.randn(n, cfg.idim, generator=torch.Generator().manual_seed(4)).to(device=device, dtype=dtype)
+    timer = Timer(device)
+    window = 0
+    with torch.device(device):  # the reference makes its position/token tensors on the default device
+        for i in range(warmup + repeats):
+            timer.recording = i >= warmup
+            with timer("voice_prompt"):
+                decoder.prompt_layer_inputs(vectors)  # type: ignore[attr-defined]
+            steps = decoder.generate(vectors, max_tokens=FIRST_WINDOW)  # type: ignore[attr-defined]
+            tokens = [next(steps)]  # its prompt pass is the row above
+            for _ in range(FIRST_WINDOW - 1):
+                with timer("voice_step"):
+                    tokens.append(next(steps))
+            steps.close()
+            with timer("voice_codec"):
+                audio = codec.decode(torch.tensor([tokens])).float().cpu()  # type: ignore[attr-defined]
+            window = audio.shape[-1]
+    return VoiceRun(n, timer.samples, window)
+
+
+def voice_rows(run: VoiceRun) -> list[tuple[str, str, float, float]]:
+    stat = {k: (_p50(v), min(v)) for k, v in run.samples.items()}
+    steps = stat["voice_step"]
+    first = tuple(stat["voice_prompt"][j] + FIRST_WINDOW * steps[j] + stat["voice_codec"][j] for j in (0, 1))
+    return [
+        ("voice: NAR + AR prompt pass, 1 sentence", f"{VOICE_TEXT_TOKENS} text tok -> {run.vectors} vec",
+         *stat["voice_prompt"]),
+        ("voice: AR step (per codec token)", "1 codec tok", *steps),
+        (f"voice: TiCodec, first window ({FIRST_WINDOW} tok)", f"{run.window_samples} samples",
+         *stat["voice_codec"]),
+        ("= voice: sentence -> first audio", f"prompt + {FIRST_WINDOW} steps + codec", *first),
+    ]
+
+
+def voice_header(voice: Voice, run: VoiceRun, dtype: torch.dtype) -> list[str]:
+    cfg = voice.decoder.cfg  # type: ignore[attr-defined]
+    kv = voice.kv_bytes_per_token(dtype)
+    lines = [f"# params {label}: {_millions(n)}" for label, n in voice.param_counts().items()]
+    lines += [
+        (f"# voice: width {cfg.hidden_size}, {cfg.num_layers} AR + {cfg.num_pre_nn_layers} NAR layers, "
+         f"{cfg.num_heads} heads, FFN {cfg.intermediate_size}, {cfg.odim} codes; sizes: {voice.source}"),
+        (f"# voice: KV cache {kv / 1024:.1f} KiB per codec token in {str(dtype).removeprefix('torch.')}, "
+         f"{kv * cfg.max_position_embeddings / 2**20:.1f} MiB for a full {cfg.max_position_embeddings}-position "
+         "sentence; the AR steps here are eager torch, an upper bound for vLLM's (which batches sessions)"),
+    ]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------
 # Table
 # ----------------------------------------------------------------------------------------------------
 
@@ -698,6 +832,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--decode-tokens", type=int, default=8, help="decode steps after the first token (default 8)"
     )
+    ap.add_argument(
+        "--voice-only", action="store_true",
+        help="only the vita voice's rows (speech decoder + TiCodec): runs at real size on a small CPU box too",
+    )
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.frames < 1 or args.warmup < 0 or args.decode_tokens < 0:
         ap.error("--repeats and --frames must be >= 1; --warmup and --decode-tokens >= 0")
@@ -725,11 +863,13 @@ def main(argv: list[str] | None = None) -> int:
         args.history_tokens = args.prompt_tokens - args.system_tokens - turn
         if args.history_tokens < 0:
             ap.error(f"--prompt-tokens {args.prompt_tokens} < system {args.system_tokens} + user turn {turn}")
-    if device.type == "cpu" and not args.tiny:
+    if device.type == "cpu" and not args.tiny and not args.voice_only:
         print("warning: full size on CPU needs ~30 GiB and minutes per stage", file=sys.stderr)
 
     started = time.perf_counter()
     torch.manual_seed(0)
+    if args.voice_only:
+        return _voice_only(args, sizes, device, dtype, started)
     parts = build(sizes, device, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -759,15 +899,44 @@ def main(argv: list[str] | None = None) -> int:
             f"KV cache after decode holds {run.decoded_len}, expected {run.prompt.total + run.decode_tokens}"
         )
 
+    voice = build_voice(args.tiny, device, dtype)
+    with torch.inference_mode():
+        vrun = run_voice(voice, sizes.llm_hidden, device, dtype, repeats=args.repeats, warmup=args.warmup)
+
     for line in header(run, parts, device, dtype, tiny=args.tiny, repeats=args.repeats, warmup=args.warmup):
         print(line)
-    print(format_table(table(run)))
+    for line in voice_header(voice, vrun, dtype):
+        print(line)
+    print(format_table(table(run) + voice_rows(vrun)))
     if device.type == "cuda":
         memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (weights {weights})"
     else:
         memory = "n/a (CPU)"
     total_s = time.perf_counter() - started
     print(f"# peak GPU memory: {memory}; build {built_s:.1f} s; total {total_s:.1f} s (after imports)")
+    return 0
+
+
+def _voice_only(args: argparse.Namespace, sizes: Sizes, device: torch.device, dtype: torch.dtype,
+                started: float) -> int:
+    voice = build_voice(args.tiny, device, dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        weights = f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB"
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        vrun = run_voice(voice, sizes.llm_hidden, device, dtype, repeats=args.repeats, warmup=args.warmup)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    print(f"# vita voice estimate{' (TINY sizes)' if args.tiny else ''}: random weights, no vLLM")
+    print(f"# device: {name}; torch {torch.__version__}; dtype {str(dtype).removeprefix('torch.')}")
+    for line in voice_header(voice, vrun, dtype):
+        print(line)
+    print(f"# timing: p50 / min over {args.repeats} runs after {args.warmup} warm-up, each stage synchronised")
+    print(format_table(voice_rows(vrun)))
+    memory = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (weights {weights})"
+              if device.type == "cuda" else "n/a (CPU)")
+    print(f"# peak GPU memory: {memory}; total {time.perf_counter() - started:.1f} s (after imports)")
     return 0
 
 

@@ -12,7 +12,7 @@ engines get no prefix/multimodal cache hits across turns, as with real users. Me
 * client send lateness: send time minus the event's real-time schedule (p50/p99, count > 100 ms).
   A session never skips audio: a late session sends its backlog as fast as the socket takes it.
 * server-side dropped audio: the server exposes no count of processed samples, so the check is by
-  position. The client runs the server's pipeline (int16 decode, the same streaming soxr resampler,
+  position. The client runs the server's pipeline (int16 decode, the same streaming resampler,
   the same silero VAD with the server's session parameters) on the same stream and knows every
   segment the server must report for the audio sent. Missing speech_stopped events, or any whose
   audio_end_ms is off by more than 64 ms (audio lost or reordered shifts them), count as dropped.
@@ -24,17 +24,26 @@ engines get no prefix/multimodal cache hits across turns, as with real users. Me
 * server RSS (VmRSS of the server process plus all its children, the engine processes) after a
   2-turn warm-up session and before the load (start), after T s with every session still open (end),
   and after the sessions closed; growth % = end / start - 1. Goal: 0 dropped, 0 errors, growth < 5 %.
-* CPU: cores used by the server main process (one event loop: sockets, JSON, resampling, VAD, the
-  engines' front ends), its engine processes and this client over the run, and the main process's
-  CPU ms per session-second of audio sent, net of the idle server's own use measured for 5 s before
-  the load (1000 / that = sessions one core could carry; less sensitive to other load on the
-  machine than wall-clock lags, and an underestimate when the server falls behind); client
-  event-loop lag (a 10 ms sleeper's overshoot). If the client lags, its lateness numbers are its
-  own, not the server's: the output says so. RSS per process, and its trend every 10 s (main /
-  EngineCores / workers), follow the table.
+* CPU, the headline: the server main process's CPU ms per session-second of audio sent, net of the idle
+  server's own use measured for 5 s before the load (1000 / that = sessions one core could carry; issue 14's
+  goal is <= 3 ms at 100 sessions), and the part of it spent in the event-loop thread (the rest: vLLM's
+  input processing and the blocking pool's threads). Less sensitive to other load on the machine than
+  wall-clock lags, and an underestimate when the server falls behind. Also cores used by the main process,
+  its engine processes and this client; client event-loop lag (a 10 ms sleeper's overshoot). If the client
+  lags, its lateness numbers are its own, not the server's: the output says so. RSS per process, and its
+  trend every 10 s (main / EngineCores / workers), follow the table.
+
+Modes: full (answers of --max-tokens tokens, every turn answered); --cheap (the model's first token is
+always ☟ noise: every turn costs the engines and the server's feature extraction a one-token probe and is
+not answered); --no-engine (sessions turn create_response off: VAD events only, no engine request; the
+server's own cost per frame). --compare runs the server once per configuration of its issue-14
+optimisations (on, off, -NAME, +NAME; see SWITCHES) against the same commit and ends with a table of them.
+--profile OUT attaches py-spy (`pip install py-spy`) to the server main process for the load window and
+prints its top functions by own and total time, in CPU ms per session-second.
 
 Run:  .venv/bin/python bench/load.py [--sessions 200] [--seconds 60]      (~3 min plus engine start)
       .venv/bin/python bench/load.py --quick                                (20 sessions x 15 s)
+      .venv/bin/python bench/load.py --sessions 100 --seconds 30 --no-engine --compare off,on [--profile p.txt]
 """
 
 from __future__ import annotations
@@ -45,6 +54,10 @@ import base64
 import contextlib
 import json
 import os
+import re
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,19 +80,17 @@ from duplex.vad import SileroModel, VadParams, VadSpeechEnd, VadSpeechStart, Vad
 from models.tiny import build_tiny
 from server.process import ServerProcess
 from server.resampling import StreamResampler
-from server.settings import load_settings
+from server.settings import HOT_PATHS, load_settings
 from server.wire.audio_codec import AudioFormat, decode
 from tests.speech import compose
 
 RATE = 24000  # the Realtime API's default PCM16 rate; the server resamples it to 16 kHz
 QUESTION = "What is the weather like in Paris today?"
 TOLERANCE_MS = 64  # two VAD windows
-
-
-
-
-
-
+GOAL_MS = 3.0  # server main-process CPU per session-second of audio (issue 14)
+MODES = {"full": "text answers of {tokens} tokens", "cheap": "cheap: every turn a one-token noise probe",
+         "no-engine": "no engine: create_response off, VAD events and committed turns only"}
+LAG_GOAL_MS = 60.0  # VAD event lag p99 (issue 14)
 
 
 # --- the stream and what the server's VAD must make of it ----------------------------------------
@@ -176,13 +187,17 @@ class Session:
     done: int = 0
 
 
-async def open_session(url: str, index: int, deflate: bool) -> Session:
+async def open_session(url: str, index: int, deflate: bool, respond: bool = True) -> Session:
+    """A session streaming PCM16 at RATE with text answers; `respond=False`: server VAD with
+    create_response off (speech events and committed turns, no engine request: --no-engine)."""
     ws = await connect(url, max_size=1 << 24, ping_interval=None, open_timeout=60,
                        compression="deflate" if deflate else None)
     assert json.loads(await ws.recv())["type"] == "session.created"
+    audio_in: dict = {"format": {"type": "audio/pcm", "rate": RATE}}
+    if not respond:
+        audio_in["turn_detection"] = {"type": "server_vad", "create_response": False}
     await ws.send(json.dumps({"type": "session.update", "session": {
-        "type": "realtime", "output_modalities": ["text"],
-        "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE}}}}}))
+        "type": "realtime", "output_modalities": ["text"], "audio": {"input": audio_in}}}))
     while json.loads(await ws.recv())["type"] != "session.updated":
         pass
     return Session(index, ws)
@@ -273,10 +288,11 @@ async def loop_lag(samples: list[float], stop: asyncio.Event) -> None:
 
 
 class Server(ServerProcess):
-    def __init__(self, model: Path, sessions: int, max_tokens: int, log_path: Path) -> None:
+    def __init__(self, model: Path, sessions: int, max_tokens: int, log_path: Path,
+                 switches: dict[str, str] | None = None) -> None:
         super().__init__(model, log_path, "--tts", "none", env={
             "VITA_MAX_SESSIONS": str(max(256, sessions)), "VITA_MAX_TOKENS": str(max_tokens),
-            "VITA_LOG_LEVEL": "WARNING"})
+            "VITA_LOG_LEVEL": "WARNING", **(switches or {})})
         self.ps = psutil.Process(self.proc.pid)
 
     def tree(self) -> list[psutil.Process]:
@@ -317,35 +333,167 @@ class Server(ServerProcess):
                 parts.append(f"{name} {p.memory_info().rss / 2**20:.0f}")
         return ", ".join(parts)
 
-    def cpu_seconds(self) -> tuple[float, float]:
-        """(main process, children) user+sys CPU seconds."""
-        main, kids = 0.0, 0.0
+    def cpu_seconds(self) -> tuple[float, float, float]:
+        """(main process, children, the main process's event-loop thread) user+sys CPU seconds. The loop runs
+        in the main thread (its id is the pid); the others are vLLM's input processing, the blocking pool..."""
+        main, kids, loop = 0.0, 0.0, 0.0
         for p in self.tree():
             with contextlib.suppress(psutil.NoSuchProcess):
                 t = p.cpu_times()
                 if p.pid == self.ps.pid:
                     main = t.user + t.system
+                    loop = sum(th.user_time + th.system_time for th in p.threads() if th.id == p.pid)
                 else:
                     kids += t.user + t.system
-        return main, kids
+        return main, kids, loop
 
 
 
-async def warm_up(url: str, events: list[str]) -> None:
-    """One session, two spoken turns (the second lands on the other engine after the roles swap)."""
-    s = await open_session(url, -1, deflate=True)
+async def warm_up(url: str, events: list[str], mode: str) -> None:
+    """One session, two spoken turns (the second lands on the other engine after the roles swap; with
+    noise probes the roles never swap and a turn ends with its verdict; --no-engine: VAD only)."""
+    s = await open_session(url, -1, deflate=True, respond=mode != "no-engine")
+    last = {"full": "response.done", "cheap": "vita.segment.classified",
+            "no-engine": "input_audio_buffer.speech_stopped"}[mode]
     for _turn in range(2):
         for event in events:
             await s.ws.send(event)
-        while json.loads(await asyncio.wait_for(s.ws.recv(), 120))["type"] != "response.done":
+        while json.loads(await asyncio.wait_for(s.ws.recv(), 120))["type"] != last:
             pass
     await s.ws.close()
 
 
-# --- main ---------------------------------------------------------------------------------------
+# --- the server's switches (issue 14): each optimisation on or off, per run ------------------------
+
+# Each optimisation of the server's input path and how a run turns it off: "deflate" is the uvicorn option
+# (optimised = no permessage-deflate), the others are names in the server's hot_path_off setting. The
+# server's defaults have all of them on. `--compare` runs the same commit's server once per configuration.
+SWITCHES: dict[str, str] = {
+    "deflate": "no permessage-deflate negotiated (VITA_WS_PER_MESSAGE_DEFLATE=false)",
+    **{name: f"{what} (off: VITA_HOT_PATH_OFF={name})" for name, what in HOT_PATHS.items()},
+}
 
 
-async def main(args: argparse.Namespace) -> None:
+def switch_env(config: str) -> dict[str, str]:
+    """Server environment for a configuration: "on" (every optimisation, the defaults), "off" (none),
+    "-NAME" (all but NAME), "+NAME" (only NAME), several joined by "/" ("-append/-idle")."""
+    if config in ("on", "off"):
+        enabled = set(SWITCHES) if config == "on" else set()
+    else:
+        parts = config.split("/")
+        signs = {p[:1] for p in parts}
+        if not signs <= {"+", "-"} or len(signs) != 1:
+            raise SystemExit(f"bad configuration {config!r}: on, off, -NAME or +NAME (several joined by /)")
+        names = {p[1:] for p in parts}
+        unknown = names - set(SWITCHES)
+        if unknown:
+            raise SystemExit(f"unknown switch {', '.join(sorted(unknown))}; known: {', '.join(SWITCHES)}")
+        enabled = set(SWITCHES) - names if signs == {"-"} else names
+    return {"VITA_WS_PER_MESSAGE_DEFLATE": "false" if "deflate" in enabled else "true",
+            "VITA_HOT_PATH_OFF": ",".join(sorted(set(HOT_PATHS) - enabled))}
+
+
+# --- the profile ----------------------------------------------------------------------------------
+
+
+class Profiler:
+    """`py-spy record` attached to the server's main process (all its threads) for the load window, raw
+    (collapsed-stack) output. `--nonblocking`: the server is not paused to sample it, so its timing is
+    undisturbed (a sample may rarely show a torn stack); `native` adds C frames and pauses it per sample.
+    py-spy runs in a process of its own. Time in C code called from Python (uvloop's loop, socket calls)
+    shows as the innermost Python frame's own time: `Runner.run` is uvloop's run_forever."""
+
+    def __init__(self, pid: int, out: Path, rate: int, native: bool = False) -> None:
+        exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+        if exe is None:
+            raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
+        self.out, self.rate = out, rate
+        # --native (C frames too: uvloop, zlib, onnxruntime...) must pause the process to unwind it.
+        mode = ["--native"] if native else ["--nonblocking"]
+        self.proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
+                                      *mode, "--output", str(out)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> None:
+        """Ctrl-C, as py-spy expects: it writes the file and exits."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        if not self.out.exists():
+            raise RuntimeError(f"py-spy wrote no profile: {err.decode(errors='replace')[-2000:]}")
+
+
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def _frame_name(frame: str) -> str:
+    """'func (path:line)' -> 'func (short/path)': one row per function, whatever line was sampled."""
+    m = _FRAME.match(frame)
+    if m is None:
+        return frame
+    path = m["file"]
+    for marker in ("site-packages/", "lib/python3.11/", str(ROOT) + "/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{m['func']} ({path})"
+
+
+def profile_top(path: Path, n: int, rate: int, audio_s: float) -> str:
+    """The top `n` functions by own time (samples where the function is the innermost Python frame) and
+    by total time (samples with the function anywhere on the stack), as % of the process's non-idle
+    samples and as CPU ms per session-second of audio (samples / rate / audio)."""
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        frames = [_frame_name(f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        samples += k
+        own[frames[-1]] += k
+        for name in set(frames):
+            total[name] += k
+
+    def table(counter: Counter[str], title: str) -> list[str]:
+        rows = [f"{title:<98} {'%':>6} {'ms/s':>6}"]
+        for name, k in counter.most_common(n):
+            rows.append(f"{name[:98]:<98} {100 * k / samples:>6.1f} {k / rate * 1e3 / audio_s:>6.2f}")
+        return rows
+
+    head = (f"py-spy: {samples} samples at {rate} Hz = {samples / rate:.1f} CPU s of the server main process "
+            f"(all threads, idle excluded) over {audio_s:.0f} session-seconds = {samples / rate * 1e3 / audio_s:.2f} "
+            "ms per session-second")
+    return "\n".join([head, *table(own, f"top {n} by own time"), "", *table(total, f"top {n} by total time")])
+
+
+# --- one run --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    label: str
+    main_ms_per_s: float
+    loop_ms_per_s: float
+    dropped: int
+    expected: int
+    closed: int
+    errors: int
+    stop_lag_p99: float
+    start_lag_p99: float
+    late_p99: float
+    cores: tuple[float, float, float]
+
+
+async def run_load(args: argparse.Namespace, label: str, env: dict[str, str], model: Path) -> Outcome:
     settings = load_settings({})
     params = VadParams(threshold=settings.vad_threshold, prefix_padding_ms=float(settings.vad_prefix_padding_ms),
                        silence_duration_ms=float(settings.vad_silence_duration_ms),
@@ -357,66 +505,79 @@ async def main(args: argparse.Namespace) -> None:
     cycle_s = len(events) * dt
     expected = expected_events(events, n_events, params)
     n, me = args.sessions, psutil.Process()
+    profiler: Profiler | None = None
+    profile_path = None
+    if args.profile:
+        profile_path = Path(args.profile)
+        if args.compare:
+            safe = re.sub(r"[^A-Za-z0-9+-]", "_", label)
+            profile_path = profile_path.with_name(f"{profile_path.stem}.{safe}{profile_path.suffix}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = build_tiny("vita15", Path(tmp) / "query", seed=5, force="query", never_stop=True)
-        server = Server(model, n, args.max_tokens, Path(tempfile.gettempdir()) / f"load.{os.getpid()}.server.log")
-        try:
-            await asyncio.to_thread(server.wait_ready)
-            url = f"ws://127.0.0.1:{server.port}/v1/realtime"
-            await warm_up(url, events)
-            await asyncio.sleep(2.0)
-            idle0 = server.cpu_seconds()
-            await asyncio.sleep(5.0)
-            idle_main = (server.cpu_seconds()[0] - idle0[0]) / 5.0  # cores the idle server's main process uses
-            rss_start, by_process_start = server.rss_mib(), server.rss_by_process()
-            load_before = os.getloadavg()
+    server = Server(model, n, args.max_tokens, Path(tempfile.gettempdir()) / f"load.{os.getpid()}.server.log", env)
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        url = f"ws://127.0.0.1:{server.port}/v1/realtime"
+        await warm_up(url, events, args.mode)
+        await asyncio.sleep(2.0)
+        idle0 = server.cpu_seconds()
+        await asyncio.sleep(5.0)
+        idle1 = server.cpu_seconds()
+        idle_main = (idle1[0] - idle0[0]) / 5.0  # cores the idle server's main process uses
+        idle_loop = (idle1[2] - idle0[2]) / 5.0
+        rss_start, by_process_start = server.rss_mib(), server.rss_by_process()
+        load_before = os.getloadavg()
 
-            sessions: list[Session] = []
-            for i in range(0, n, 20):  # connect in batches
-                sessions += await asyncio.gather(*(open_session(url, j, not args.no_deflate)
-                                                   for j in range(i, min(n, i + 20))))
-            readers = [asyncio.create_task(read(s, expected)) for s in sessions]
-            lag: list[float] = []
-            stop_lag = asyncio.Event()
-            lagger = asyncio.create_task(loop_lag(lag, stop_lag))
-            t0 = time.monotonic() + 1.0
-            slots = round(cycle_s / dt)
-            for s in sessions:  # spread evenly over one cycle, on the 20 ms grid
-                s.start = t0 + (s.index * slots // n) * dt
-            cpu0, my0, wall0 = server.cpu_seconds(), me.cpu_times(), time.monotonic()
-            rss_samples: list[tuple[float, float]] = []
+        sessions: list[Session] = []
+        for i in range(0, n, 20):  # connect in batches
+            sessions += await asyncio.gather(*(open_session(url, j, not args.no_deflate, args.mode != "no-engine")
+                                               for j in range(i, min(n, i + 20))))
+        readers = [asyncio.create_task(read(s, expected)) for s in sessions]
+        lag: list[float] = []
+        stop_lag = asyncio.Event()
+        lagger = asyncio.create_task(loop_lag(lag, stop_lag))
+        t0 = time.monotonic() + 1.0
+        slots = round(cycle_s / dt)
+        for s in sessions:  # spread evenly over one cycle, on the 20 ms grid
+            s.start = t0 + (s.index * slots // n) * dt
+        if profile_path is not None:
+            profiler = Profiler(server.ps.pid, profile_path, args.profile_rate, args.profile_native)
+        cpu0, my0, wall0 = server.cpu_seconds(), me.cpu_times(), time.monotonic()
+        rss_samples: list[tuple[float, float, tuple[float, float, float]]] = []
 
-            async def sample_rss() -> None:
-                while not stop_lag.is_set():
-                    rss_samples.append((time.monotonic() - t0, server.rss_mib()[1], server.rss_groups()))
-                    await asyncio.sleep(1.0)
+        async def sample_rss() -> None:
+            while not stop_lag.is_set():
+                rss_samples.append((time.monotonic() - t0, server.rss_mib()[1], server.rss_groups()))
+                await asyncio.sleep(1.0)
 
-            sampler = asyncio.create_task(sample_rss())
-            await asyncio.gather(*(stream(s, events, n_events, dt, None if args.same_audio else middle)
-                                   for s in sessions))
-            send_end = time.monotonic()
-            # Let answers to the last turns finish (bounded), then measure before anyone leaves.
-            deadline = time.monotonic() + args.grace
-            while time.monotonic() < deadline and any(s.done < s.created for s in sessions):
-                await asyncio.sleep(0.2)
-            cpu1, my1, wall1 = server.cpu_seconds(), me.cpu_times(), time.monotonic()
-            rss_end, by_process_end = server.rss_mib(), server.rss_by_process()
-            stop_lag.set()
-            await lagger
-            await sampler
-            for s in sessions:
-                s.closing = True
-            await asyncio.gather(*(s.ws.close() for s in sessions), return_exceptions=True)
-            reader_failures = [r for r in await asyncio.gather(*readers, return_exceptions=True) if r is not None]
-            await asyncio.sleep(3.0)
-            rss_after = server.rss_mib()
-            load_after = os.getloadavg()
-        except BaseException:
-            print(f"server log ({server.log_path}), last lines:\n{server.log_path.read_text()[-3000:]}")
-            raise
-        finally:
-            server.stop()
+        sampler = asyncio.create_task(sample_rss())
+        await asyncio.gather(*(stream(s, events, n_events, dt, None if args.same_audio else middle)
+                               for s in sessions))
+        send_end = time.monotonic()
+        # Let answers to the last turns finish (bounded), then measure before anyone leaves.
+        deadline = time.monotonic() + args.grace
+        while time.monotonic() < deadline and any(s.done < s.created for s in sessions):
+            await asyncio.sleep(0.2)
+        cpu1, my1, wall1 = server.cpu_seconds(), me.cpu_times(), time.monotonic()
+        if profiler is not None:
+            await asyncio.to_thread(profiler.stop)
+        rss_end, by_process_end = server.rss_mib(), server.rss_by_process()
+        stop_lag.set()
+        await lagger
+        await sampler
+        for s in sessions:
+            s.closing = True
+        await asyncio.gather(*(s.ws.close() for s in sessions), return_exceptions=True)
+        reader_failures = [r for r in await asyncio.gather(*readers, return_exceptions=True) if r is not None]
+        await asyncio.sleep(3.0)
+        rss_after = server.rss_mib()
+        load_after = os.getloadavg()
+    except BaseException:
+        print(f"server log ({server.log_path}), last lines:\n{server.log_path.read_text()[-3000:]}")
+        raise
+    finally:
+        if profiler is not None and profiler.proc.poll() is None:
+            profiler.proc.kill()
+        server.stop()
 
     # --- the table ------------------------------------------------------------------------------
     late = np.concatenate([s.late[: s.sent] for s in sessions]) * 1e3
@@ -431,6 +592,7 @@ async def main(args: argparse.Namespace) -> None:
     errors = Counter(code for s in sessions for code in s.errors)
     statuses = sum((s.statuses for s in sessions), Counter())
     done = sum(s.done for s in sessions)
+    classified = sum(s.counts["vita.segment.classified"] for s in sessions)
     wall = wall1 - wall0
     srv_main = (cpu1[0] - cpu0[0]) / wall
     srv_kids = (cpu1[1] - cpu0[1]) / wall
@@ -438,6 +600,7 @@ async def main(args: argparse.Namespace) -> None:
     audio_s = sum(s.sent for s in sessions) * dt
     # server main-process CPU per session-second of audio, net of what the idle server uses
     main_ms_per_s = (cpu1[0] - cpu0[0] - idle_main * wall) / audio_s * 1e3
+    loop_ms_per_s = (cpu1[2] - cpu0[2] - idle_loop * wall) / audio_s * 1e3  # of which the event-loop thread
     lag_ms = np.asarray(lag) * 1e3
     growth = rss_end[1] / rss_start[1] - 1
     steady = [r for t, r, _ in rss_samples if t >= args.seconds / 4]
@@ -447,14 +610,34 @@ async def main(args: argparse.Namespace) -> None:
     early = [x * 1e3 for _, x in stops_by_time[:third]]
     lately = [x * 1e3 for _, x in stops_by_time[-third:]]
     client_behind = pct(lag_ms, 99) > 20 or client_cpu > 0.9
+    behind = pct(lately, 50) > 1000
+    stopped = sum(s.counts["input_audio_buffer.speech_stopped"] for s in sessions)
+    answers = {
+        "full": ("answers: response.done / segments", f"{done} / {expected_stops} {dict(statuses)}", "",
+                 f"{done / max(1, expected_stops):.3f}"),
+        "cheap": ("probes: vita.segment.classified / segments", f"{classified} / {expected_stops} (none answered)",
+                  "", f"{classified / max(1, expected_stops):.3f}"),
+        "no-engine": ("turns: speech_stopped events / segments", f"{stopped} / {expected_stops} (no engine request)",
+                      "", f"{stopped / max(1, expected_stops):.3f}"),
+    }[args.mode]
 
-    print(f"\nload: {n} sessions x {args.seconds:.0f} s real-time speech ({question_s:.1f} s question + {args.pause:.1f} s "
-          f"silence, cycle {cycle_s:.2f} s), {args.chunk_ms} ms PCM16 {RATE} Hz events, "
-          f"{'no compression' if args.no_deflate else 'permessage-deflate'}, text answers of {args.max_tokens} tokens")
+    print(f"\n=== {label}: load: {n} sessions x {args.seconds:.0f} s real-time speech ({question_s:.1f} s question + "
+          f"{args.pause:.1f} s silence, cycle {cycle_s:.2f} s), {args.chunk_ms} ms PCM16 {RATE} Hz events, "
+          f"{'no compression offered' if args.no_deflate else 'permessage-deflate offered'}, "
+          + MODES[args.mode].format(tokens=args.max_tokens))
+    print(f"HEADLINE server main-process CPU per session-second of audio: {main_ms_per_s:.2f} ms "
+          f"(goal <= {GOAL_MS:g} ms at 100 sessions; 1 core = {1000 / main_ms_per_s:.0f} sessions; event-loop "
+          f"thread {loop_ms_per_s:.2f} ms, other threads {main_ms_per_s - loop_ms_per_s:.2f} ms)"
+          + ("  [server behind: an underestimate]" if behind else ""))
     print(f"server: {shown_command(server)}")
     print(f"load average before / after: {' '.join(f'{x:.1f}' for x in load_before)} / "
-          f"{' '.join(f'{x:.1f}' for x in load_after)}  ({os.cpu_count()} CPUs)")
+          f"{' '.join(f'{x:.1f}' for x in load_after)}  ({os.cpu_count()} CPUs)"
+          + ("; py-spy sampled the server during the load" if profiler is not None else ""))
     rows = [
+        ("server main CPU per session-second of audio (ms)", (f"{main_ms_per_s:.2f} (loop thread "
+         f"{loop_ms_per_s:.2f}; idle: {idle_main:.2f} cores"
+         f"{'; server behind: an underestimate' if behind else ''})"), f"{GOAL_MS:g}",
+         f"{main_ms_per_s / GOAL_MS:.2f}"),
         ("client send lateness p50 / p99 / max (ms)", f"{pct(late, 50):.1f} / {pct(late, 99):.1f} / {late.max():.0f}",
          "", ""),
         ("sends > 100 ms late (of all sends)", f"{int((late > 100).sum())} / {late.size}", "0",
@@ -463,21 +646,19 @@ async def main(args: argparse.Namespace) -> None:
          f"{(missing + unmatched) / max(1, expected_stops):.4f}"),
         ("sessions closed by server / send failed", f"{len(closed)} / {send_failed}", "0", ""),
         ("error events", f"{sum(errors.values())} {dict(errors) or ''}", "0", ""),
-        ("VAD lag speech_started p50 / p99 (ms)", f"{pct(start_lag, 50):.1f} / {pct(start_lag, 99):.1f}", "", ""),
-        ("VAD lag speech_stopped p50 / p99 (ms)", f"{pct(stop_lag_ms, 50):.1f} / {pct(stop_lag_ms, 99):.1f}", "", ""),
+        ("VAD lag speech_started p50 / p99 (ms)", f"{pct(start_lag, 50):.1f} / {pct(start_lag, 99):.1f}",
+         f"{LAG_GOAL_MS:g}", f"{pct(start_lag, 99) / LAG_GOAL_MS:.2f}"),
+        ("VAD lag speech_stopped p50 / p99 (ms)", f"{pct(stop_lag_ms, 50):.1f} / {pct(stop_lag_ms, 99):.1f}",
+         f"{LAG_GOAL_MS:g}", f"{pct(stop_lag_ms, 99) / LAG_GOAL_MS:.2f}"),
         ("  same, first third / last third of run, p50 (ms)", f"{pct(early, 50):.1f} / {pct(lately, 50):.1f}", "", ""),
         ("speech_stopped -> first text delta p50 / p99 (ms)", f"{pct(ttft, 50):.0f} / {pct(ttft, 99):.0f}", "", ""),
-        ("answers: response.done / segments", f"{done} / {expected_stops} {dict(statuses)}", "",
-         f"{done / max(1, expected_stops):.3f}"),
+        answers,
         ("server RSS start -> end MiB (main+engines)", (f"{rss_start[1]:.0f} -> {rss_end[1]:.0f} "
          f"(main {rss_start[0]:.0f} -> {rss_end[0]:.0f}); after close {rss_after[1]:.0f}"), "", ""),
         ("server RSS growth start -> end / 25%-mark -> end", f"{growth * 100:+.1f} % / {steady_growth * 100:+.1f} %",
          "< 5 %", f"{growth / 0.05:.2f}"),
         ("CPU cores used: server main / engines / client", f"{srv_main:.2f} / {srv_kids:.2f} / {client_cpu:.2f}", "",
          ""),
-        ("server main CPU per session-second of audio (ms)", (f"{main_ms_per_s:.1f} (1 core = "
-         f"{1000 / main_ms_per_s:.0f} sessions; idle: {idle_main:.2f} cores"
-         f"{'; server behind: an underestimate' if pct(lately, 50) > 1000 else ''})"), "", ""),
         ("client loop lag p50 / p99 / max (ms)", f"{pct(lag_ms, 50):.1f} / {pct(lag_ms, 99):.1f} / {lag_ms.max():.0f}",
          "", ""),
     ]
@@ -498,6 +679,37 @@ async def main(args: argparse.Namespace) -> None:
     if client_behind:
         print("WARNING: the client itself could not keep real time (loop lag p99 > 20 ms or > 90 % of a core): "
               "send lateness is partly the client's own, and the server saw less load than nominal.")
+    if profiler is not None and profile_path is not None:
+        print(f"\nprofile ({profile_path}):\n{profile_top(profile_path, args.profile_top, args.profile_rate, audio_s)}")
+    return Outcome(label, main_ms_per_s, loop_ms_per_s, missing + unmatched, expected_stops, len(closed), sum(errors.values()),
+                   pct(stop_lag_ms, 99), pct(start_lag, 99), pct(late, 99), (srv_main, srv_kids, client_cpu))
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+async def main(args: argparse.Namespace) -> None:
+    configs = [c.strip() for c in args.compare.split(",") if c.strip()] if args.compare else ["as-is"]
+    envs = [{} if c == "as-is" else switch_env(c) for c in configs]  # a bad name fails before any run
+    # A configuration named twice (to see the spread between runs) gets its run's number in its label.
+    labels = [c if configs.count(c) == 1 else f"{c}#{configs[:i + 1].count(c)}" for i, c in enumerate(configs)]
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny("vita15", Path(tmp) / "model", seed=5, force="query" if args.mode == "full" else "noise",
+                           never_stop=args.mode == "full")
+        for label, env in zip(labels, envs, strict=True):
+            outcomes.append(await run_load(args, label, env, model))
+    if len(outcomes) > 1:
+        print(f"\n=== comparison: {args.sessions} sessions x {args.seconds:.0f} s, "
+              f"{MODES[args.mode].format(tokens=args.max_tokens)}; "
+              "switches:\n" + "\n".join(f"  {k}: {v}" for k, v in SWITCHES.items()))
+        print(f"{'config':<22} {'main ms/session-s':>17} {'vs first':>8} {'loop thread':>11} {'dropped':>12} {'closed':>6} {'errors':>6} "
+              f"{'VAD lag p99 start/stop ms':>26} {'send late p99':>13} {'cores main/eng/client':>22}")
+        for o in outcomes:
+            print(f"{o.label:<22} {o.main_ms_per_s:>17.2f} {o.main_ms_per_s / outcomes[0].main_ms_per_s:>7.2f}x "
+                  f"{o.loop_ms_per_s:>11.2f} {f'{o.dropped}/{o.expected}':>12} {o.closed:>6} {o.errors:>6} "
+                  f"{f'{o.start_lag_p99:.1f} / {o.stop_lag_p99:.1f}':>26} {o.late_p99:>13.1f} "
+                  f"{' / '.join(f'{c:.2f}' for c in o.cores):>22}")
 
 
 if __name__ == "__main__":
@@ -512,9 +724,29 @@ if __name__ == "__main__":
     parser.add_argument("--no-deflate", action="store_true", help="no permessage-deflate on the client sockets")
     parser.add_argument("--same-audio", action="store_true",
                         help="every turn of every session identical (engines then hit their prefix caches)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--cheap", action="store_true",
+                      help="cheap answers: the tiny model's first token is always the noise state token, so each "
+                           "turn costs the engines (and the server's feature extraction) one one-token probe and "
+                           "nothing is answered")
+    mode.add_argument("--no-engine", action="store_true",
+                      help="the server's own cost alone: sessions turn create_response off, so each turn is VAD "
+                           "events and a committed item, and no engine request is made")
+    parser.add_argument("--compare", metavar="CONFIGS",
+                        help="comma-separated server configurations, each run in turn against this commit: "
+                             "on (the defaults), off (every issue-14 switch off), -NAME (all on but NAME), "
+                             f"+NAME (only NAME on); switches: {', '.join(SWITCHES) or 'none'}")
+    parser.add_argument("--profile", metavar="OUT",
+                        help="py-spy the server main process over the load window into OUT (raw collapsed "
+                             "stacks; with --compare one file per configuration) and print its top functions")
+    parser.add_argument("--profile-top", type=int, default=25, help="functions shown per profile table")
+    parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument("--profile-native", action="store_true",
+                        help="py-spy --native: C frames too (pauses the server at each sample)")
     args = parser.parse_args()
     if args.quick:
         args.sessions, args.seconds = 20, 15.0
+    args.mode = "cheap" if args.cheap else "no-engine" if args.no_engine else "full"
     try:
         import uvloop  # the server's uvicorn uses it too
     except ImportError:

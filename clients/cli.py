@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache cap on CPU (ignored on GPU)")
+    gen.add_argument("--speech-out", type=Path, metavar="WAV",
+                     help="also speak the reply into this WAV file: with the checkpoint's own voice when it ships "
+                          "vita_tts_ckpt/ (VITA-1.5), else with espeak (the optional [espeak] extra)")
+    gen.add_argument("--speech-max-tokens", type=int, default=1000,
+                     help="vita voice: codec tokens per sentence at most (40 per second of speech; upstream 1000)")
 
     serve = sub.add_parser("serve", help="run the server (no --model: the embedded CPU demo model)",
                            description="Every setting is a flag (server/settings.py); VITA_* environment "
@@ -121,6 +126,13 @@ async def _generate(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    voice: tuple[str, Path] | None = None
+    if args.speech_out is not None:  # which voice, before minutes of engine start
+        try:
+            voice = _reply_voice(str(args.model))
+        except (RuntimeError, ValueError) as exc:
+            print(f"error: --speech-out: {exc}", file=sys.stderr)
+            return 2
     engine = await VitaEngine.start(settings)
     try:
         prompt = user_input(engine.prompts, text=args.text, images=images, audios=audios, video_frames=frames)
@@ -129,6 +141,7 @@ async def _generate(args: argparse.Namespace) -> int:
         await engine.shutdown()
         return 2
     first: int | None = None
+    reply = ""
     try:
         # --max-tokens counts the reply: the state token comes on top (as in chat and realtime).
         sampling = Sampling(max_tokens=reply_token_budget(args.max_tokens, engine.state_tokens))
@@ -137,10 +150,74 @@ async def _generate(args: argparse.Namespace) -> int:
                 first = delta.token_ids[0]
                 print(f"[state token] {_describe_state(engine, first)}", flush=True)
             print(delta.text, end="", flush=True)
+            reply += delta.text
             if delta.finish_reason:
                 print(f"\n[finished: {delta.finish_reason}]")
     finally:
         await engine.shutdown()
+    if voice is not None:
+        return await asyncio.to_thread(_speak_reply, reply, voice, args, engine.tokenizer)
+    return 0
+
+
+def _reply_voice(model: str) -> tuple[str, Path]:
+    """("vita", checkpoint dir) when it ships its speech decoder, else ("espeak", dir) if espeak is installed."""
+    from models.checkpoint import CheckpointError, resolve_model_dir
+    from models.vita_tts.config import TTSConfigError, find_tts_dir, open_tts_checkpoint
+
+    try:
+        model_dir = resolve_model_dir(model)
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from exc
+    if find_tts_dir(model_dir) is not None:
+        try:
+            open_tts_checkpoint(model_dir)
+        except TTSConfigError as exc:
+            raise ValueError(f"the checkpoint's voice is unusable: {exc}") from exc
+        return "vita", model_dir
+    from duplex.tts import EspeakTTS, EspeakUnavailableError
+
+    try:
+        EspeakTTS()
+    except EspeakUnavailableError as exc:
+        raise RuntimeError(f"{model} has no vita_tts_ckpt/ (its own voice), and espeak is not here either: "
+                           f"{exc}") from exc
+    return "espeak", model_dir
+
+
+def _speak_reply(reply: str, voice: tuple[str, Path], args: argparse.Namespace, tokenizer: object) -> int:
+    """The reply, cut into sentences as the server cuts it, spoken into args.speech_out (16-bit mono WAV)."""
+    import wave
+
+    import numpy as np
+
+    from duplex.sentences import SentenceChunker
+
+    chunker = SentenceChunker()
+    sentences = [s for s in [*chunker.push(reply), *chunker.flush()] if s.strip()]
+    kind, model_dir = voice
+    if kind == "vita":
+        from models.vita_tts.offline import synthesize
+
+        audio, rate = synthesize(model_dir, sentences, max_tokens=args.speech_max_tokens, tokenizer=tokenizer)
+        how = "the checkpoint's own voice (vita_tts_ckpt/)"
+    else:
+        from duplex.tts import EspeakTTS
+
+        tts = EspeakTTS()
+        audio, rate = tts.synthesize_blocking(" ".join(sentences)), tts.sample_rate
+        how = "espeak (the checkpoint has no vita_tts_ckpt/)"
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767).round().astype("<i2")
+    try:
+        with wave.open(str(args.speech_out), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(rate)
+            out.writeframes(pcm.tobytes())
+    except OSError as exc:
+        print(f"error: --speech-out {args.speech_out}: {exc}", file=sys.stderr)
+        return 2
+    print(f"[speech] {len(sentences)} sentence(s), {pcm.size / rate:.2f} s at {rate} Hz, {how} -> {args.speech_out}")
     return 0
 
 

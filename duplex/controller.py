@@ -326,6 +326,17 @@ class DuplexController:
     def output(self) -> Output:
         return Output.SILENT if self._current is None else self._current.output
 
+    def held(self) -> list[object]:
+        """The inputs this session holds on to: camera frames, user parts awaiting a response, those of
+        requests in flight and those of the history (an object may repeat). What a memory budget counts."""
+        held: list[object] = self._frames.held()
+        held += self._pending_user
+        for request in self._requests.values():
+            held += request.user
+        for turn in self._history.turns():
+            held += turn.user
+        return held
+
     def state_of(self, event: Event) -> State:
         """The state of what ``event`` is about: its key in `TRANSITIONS`."""
         match event:
@@ -462,7 +473,8 @@ class DuplexController:
         ]
 
     def _accept(self, request: _Request, kind: SegmentKind, text: str) -> list[Action]:
-        actions: list[Action] = [self._classified(request.segment, kind)]
+        heard = tuple(p.audio for p in request.user if isinstance(p, InputAudio))  # for the transport's transcript
+        actions: list[Action] = [self._classified(request.segment, kind, audio=heard)]
         # Older probes still waiting are superseded: the user has moved on past them.
         for older in [r for r in self._requests.values() if r.response is None and r.seq < request.seq]:
             actions += self._reject(older, "unknown", "superseded")
@@ -484,9 +496,7 @@ class DuplexController:
         request = self._requests.pop(event.request_id)
         self._holds.discard(request.segment.segment_id)
         if event.reason == "error":
-            notice: Action = Error(
-                "engine_error", f"probe {request.request_id} failed: {event.error or 'unknown'}"
-            )
+            notice: Action = Error(event.code, _failure(event, "probe"))
         else:
             notice = self._classified(request.segment, "unknown", ignored=True, reason="no_output")
         return [notice, *self._sync_output()]
@@ -540,10 +550,9 @@ class DuplexController:
                 actions += self._speak(response, response.chunker.flush())
             return actions + self._sync_output()
         if event.reason == "error":
-            return [
-                *self._finish(response, "failed", "engine_error"),
-                Error("engine_error", f"generation {event.request_id} failed: {event.error or 'unknown'}"),
-            ]
+            remember = event.code != "context_length_exceeded"
+            return [*self._finish(response, "failed", event.code, remember=remember),
+                    Error(event.code, _failure(event, "generation"))]
         return self._finish(response, "failed", "engine_aborted")  # an abort we did not ask for
 
     def _answer_text(self, response: _Response, raw: str) -> list[Action]:
@@ -601,8 +610,11 @@ class DuplexController:
             return [Error("truncate_unknown_response", message)]
         return [ResponseTruncated(event.response_id, event.audio_end_ms, kept)]
 
-    def _finish(self, response: _Response, status: ResponseStatus, reason: str | None) -> list[Action]:
-        """End the current answer: stop its generation and output, tell the client, keep history."""
+    def _finish(
+        self, response: _Response, status: ResponseStatus, reason: str | None, *, remember: bool = True
+    ) -> list[Action]:
+        """End the current answer: stop its generation and output, tell the client, keep history (unless
+        not `remember`: a turn that cannot fit the context would make every later prompt too long too)."""
         actions: list[Action] = []
         if response.request_id is not None and self._requests.pop(response.request_id, None) is not None:
             actions.append(AbortGeneration(response.request_id))
@@ -613,6 +625,8 @@ class DuplexController:
         self._current = None
         delivered_all = status in ("completed", "incomplete")
         speech = response.speech
+        if not remember:
+            return actions
         self._history.add(
             response.response_id,
             response.user,
@@ -790,12 +804,21 @@ class DuplexController:
 
     @staticmethod
     def _classified(
-        segment: _Segment, kind: SegmentKind, ignored: bool = False, reason: str | None = None
+        segment: _Segment, kind: SegmentKind, ignored: bool = False, reason: str | None = None,
+        audio: tuple[object, ...] = (),
     ) -> SegmentClassified:
-        return SegmentClassified(segment.segment_id, kind, segment.start, segment.end, ignored, reason)
+        return SegmentClassified(segment.segment_id, kind, segment.start, segment.end, ignored, reason, audio)
 
 
 # The table's method names, resolved once (a misspelt name fails at import).
 _HANDLERS: dict[tuple[State, type[Event]], Callable[[DuplexController, Any], list[Action]]] = {
     key: getattr(DuplexController, name) for key, name in TRANSITIONS.items()
 }
+
+
+def _failure(event: GenerationEnded, what: str) -> str:
+    """The client's message for a failed request: a known reason's own text (it names the limit or says to
+    retry), else which request failed and the engine's words."""
+    if event.code != "engine_error" and event.error:
+        return event.error
+    return f"{what} {event.request_id} failed: {event.error or 'unknown'}"

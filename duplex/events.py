@@ -216,11 +216,15 @@ class TokenDelta(Event):
 
 @dataclass(frozen=True)
 class GenerationEnded(Event):
-    """A generation request finished. "abort" after our `AbortGeneration` is expected and ignored."""
+    """A generation request finished. "abort" after our `AbortGeneration` is expected and ignored.
+
+    For reason "error", ``code`` says why for the client ("engine_error"; "engine_unavailable": the engine
+    died; "context_length_exceeded": the prompt does not fit) and ``error`` is the message."""
 
     request_id: str
     reason: FinishReason
     error: str | None = None
+    code: str = "engine_error"
 
     def __post_init__(self) -> None:
         _check_id("GenerationEnded.request_id", self.request_id)
@@ -426,6 +430,8 @@ class SegmentClassified(Notice):
     end_sample: int | None = None
     ignored: bool = False
     reason: str | None = None
+    # The turn's speech (opaque clips), so the transport can transcribe the user item it commits.
+    audio: tuple[object, ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -439,7 +445,8 @@ class ResponseStarted(Notice):
 @dataclass(frozen=True)
 class ResponseDone(Notice):
     """``reason``: None (completed), "max_output_tokens" (incomplete), "turn_detected" or
-    "client_cancelled" (cancelled), "engine_error" or "engine_aborted" (failed)."""
+    "client_cancelled" (cancelled), "engine_error", "engine_unavailable", "context_length_exceeded" or
+    "engine_aborted" (failed)."""
 
     response_id: str
     status: ResponseStatus
@@ -456,9 +463,30 @@ class ResponseTruncated(Notice):
 
 
 @dataclass(frozen=True)
+class InputDropped(Notice):
+    """The model cannot understand part of a turn (its config says that tower is untrained): ``count``
+    items of ``modality`` were left out of request ``request_id``, which answers the rest."""
+
+    request_id: str
+    modality: Literal["image", "video"]
+    count: int
+
+
+@dataclass(frozen=True)
 class RolesSwapped(Notice):
     generator: int
     monitor: int
+
+
+@dataclass(frozen=True)
+class SpeechStopped(Notice):
+    """The runtime (not the controller) reports that the speech synthesis of a cancelled answer has stopped:
+    ``after_s`` seconds from the `CancelSpeech` (the verdict that ended the answer: a barge-in's ☞, a client
+    cancel) to the TTS's stream closed. A backend stops its work in that close (the vita voice aborts its
+    decoder request in vLLM there), so this bounds how long a sentence nobody will hear keeps running."""
+
+    response_id: str
+    after_s: float
 
 
 @dataclass(frozen=True)

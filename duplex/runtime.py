@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 
+from models.config import hears, sees
 from models.engine import EngineInput, Sampling
+from models.errors import EngineRequestError
 from models.prompts import PromptBuilder, Turn
 from models.state_tokens import reply_token_budget, split_state_prefix
 from models.video_frames import square_frame
@@ -40,6 +43,8 @@ from .events import (
     FrameCaptured,
     GenerationEnded,
     InputAudio,
+    InputDropped,
+    InputImage,
     InputText,
     PauseOutput,
     PlaybackPosition,
@@ -47,6 +52,7 @@ from .events import (
     ResumeOutput,
     SentenceSynthesized,
     Speak,
+    SpeechStopped,
     SpeechSynthesized,
     StartGeneration,
     TextInput,
@@ -54,10 +60,15 @@ from .events import (
     TurnPrompt,
 )
 from .sentences import SentenceChunker
+from .transcription import NoTranscription, SessionTranscripts, Transcriber, is_noise_transcript
 from .tts import TextToSpeech, resample
 from .vad import SileroModel, VadBank, VadEvent, VadParams, VadSpeechEnd
 
 log = logging.getLogger(__name__)
+
+
+# Runs fn(*args) off the event loop and returns its result (the server passes its bounded executor).
+RunBlocking = Callable[..., Awaitable[Any]]
 
 
 class Engine(Protocol):
@@ -83,17 +94,20 @@ class VadHub:
                  coalesce_s: float = 0.010) -> None:
         self._bank = VadBank(model or SileroModel())
         self._sinks: dict[Hashable, Callable[[VadEvent], None]] = {}
+        self._detached: dict[Hashable, Any] = {}  # streams being scored in a thread (push_offloaded)
         self._scheduled = False
         self.coalesce_from = coalesce_from
         self.coalesce_s = coalesce_s
 
     def add(self, stream_id: Hashable, params: VadParams, sink: Callable[[VadEvent], None]) -> None:
+        self._detached.pop(stream_id, None)
         self._bank.add_stream(stream_id, params)
         self._sinks[stream_id] = sink
 
     def remove(self, stream_id: Hashable) -> None:
         self._bank.remove_stream(stream_id)
         self._sinks.pop(stream_id, None)
+        self._detached.pop(stream_id, None)
 
     def push(self, stream_id: Hashable, samples: np.ndarray) -> None:
         """Buffer audio; all streams pushed during one event-loop turn are scored in one batched call
@@ -121,6 +135,39 @@ class VadHub:
             if sink is not None:
                 sink(event)
 
+    async def push_offloaded(self, stream_id: Hashable, samples: np.ndarray, run: RunBlocking) -> None:
+        """`push` for a long stretch (seconds of audio at once): the stream is taken out of the batched
+        rounds and scored through `run` (a thread pool), so the event loop serves other sessions meanwhile.
+        Its events then go to its sink, in order; the caller pushes nothing else to it until this returns."""
+        if stream_id not in self._sinks:
+            return
+        stream = self._bank.detach(stream_id)
+        self._detached[stream_id] = stream
+        try:
+            stream.push(samples)
+            events = await run(stream.process, self._bank.model)
+        except BaseException:
+            # Cancelled (the session is closing) or failed: the thread may still hold the stream, so it is
+            # not put back; a failure leaves the session a fresh stream.
+            if self._detached.pop(stream_id, None) is stream and stream_id in self._sinks:
+                self._bank.add_stream(stream_id, stream.params)
+            raise
+        if self._detached.get(stream_id) is not stream:  # removed (session closed) meanwhile
+            return
+        del self._detached[stream_id]
+        self._bank.attach(stream_id, stream)
+        sink = self._sinks.get(stream_id)
+        for event in events:
+            if sink is not None:
+                sink(event)
+
+    def held_bytes(self, stream_id: Hashable) -> int:
+        """Audio the stream holds (buffered input, the open segment)."""
+        stream = self._detached.get(stream_id)
+        if stream is None and stream_id in self._bank:
+            stream = self._bank.stream(stream_id)
+        return 0 if stream is None else stream.held_bytes()
+
     def flush(self, stream_id: Hashable) -> list[VadEvent]:
         """End the stream's speech now (a manual commit); the events also go to its sink."""
         if stream_id not in self._sinks:
@@ -141,10 +188,23 @@ class RuntimeSettings:
     # decision_ms is the wait after an onset while output plays: 100 ms keeps onset → pause ≤ 150 ms.
     echo: EchoGuardParams = field(default_factory=EchoGuardParams)
     echo_gate: EchoGateParams = field(default_factory=lambda: EchoGateParams(decision_ms=100.0))
+    # A prompt with more text than this is tokenized through `run_blocking`, off the event loop.
+    offload_text_chars: int = 8192
+
+
+# The verdicts on a turn for an engine that hears through transcripts, as state-token ids the controller
+# reads like VITA's first token (negative: no text token has them, and the engine never generates them).
+TRANSCRIPT_VERDICT_IDS = {"query": -1, "noise": -2, "text": -3}
 
 
 def state_tokens_for(engine: Any) -> StateTokens | None:
-    """The controller's state tokens (ids and text) from an engine's checkpoint config."""
+    """The controller's state tokens (ids and text) from an engine's checkpoint config. An engine that
+    cannot hear (no trained audio tower) gets the transcript verdicts instead: the runtime judges each of
+    its turns by the transcript (`DuplexSession._generate_heard`) and reports the verdict as its first
+    token."""
+    config = getattr(engine, "config", None)
+    if config is not None and not hears(config):
+        return StateTokens.for_layout(config.layout, TRANSCRIPT_VERDICT_IDS)
     ids = getattr(engine, "state_tokens", None)
     if ids is None:
         return None
@@ -199,7 +259,12 @@ class DuplexSession:
         *,
         session_id: str = "s",
         clock: Callable[[], float] = time.monotonic,
+        transcriber: Transcriber | None = None,
+        transcription_language: str | None = None,
+        run_blocking: RunBlocking | None = None,
     ) -> None:
+        """``transcriber`` (shared by the server's sessions) transcribes user speech: for the transport's
+        transcription events, and as what an engine that cannot hear is given instead of the audio."""
         # A shallow copy: set_vad_params / set_max_tokens replace fields of this session's settings only.
         self.settings = replace(settings) if settings is not None else RuntimeSettings()
         self.session_id = session_id
@@ -207,6 +272,9 @@ class DuplexSession:
         self._engines = engines
         self._tts = tts
         self._vad = vad
+        self._run_blocking = run_blocking  # None: everything runs on the event loop (tests, scripts)
+        self.transcripts = SessionTranscripts(transcriber or NoTranscription(),
+                                              language=transcription_language)
         self.controller = DuplexController(
             self.settings.controller, session_id=session_id, chunker_factory=SentenceChunker
         )
@@ -214,9 +282,13 @@ class DuplexSession:
         self._inbox: deque[Event] = deque()
         self._draining = False
         self._samples_in = 0
-        self._requests: dict[str, tuple[int, asyncio.Task[None]]] = {}
+        # Each request keeps the engine it went to: a slot may be served by another engine meanwhile (an
+        # engine restarting), and the abort must reach the engine that has the request.
+        self._requests: dict[str, tuple[Engine, asyncio.Task[None]]] = {}
         self._speech_tasks: dict[str, asyncio.Task[None]] = {}
         self._speech_queues: dict[str, asyncio.Queue[tuple[int, str] | None]] = {}
+        self._speech_cancelled_at: dict[str, float] = {}  # perf_counter of each CancelSpeech still unwinding
+        self._tts_takes_first = "first" in inspect.signature(tts.synthesize).parameters
         self._pacer = _Pacer(self.settings.controller.output_sample_rate, clock)
         self._progress_timer: asyncio.TimerHandle | None = None
         self._aborts: set[asyncio.Task[None]] = set()
@@ -238,6 +310,32 @@ class DuplexSession:
         for event in self._gate.push_mic(samples):  # the echo gate sees the audio before the VAD
             self._feed(event)
         self._vad.push(self.session_id, samples)
+
+    async def push_audio_offloaded(self, samples: np.ndarray) -> None:
+        """`push_audio` for a long stretch: the VAD scores it through `run_blocking`, off the event loop
+        (without one, as `push_audio`). Push nothing else before it returns."""
+        if self._closed:
+            return
+        if self._run_blocking is None or not self._vad_on:
+            self.push_audio(samples)
+            return
+        self._samples_in += len(samples)
+        for event in self._gate.push_mic(samples):
+            self._feed(event)
+        await self._vad.push_offloaded(self.session_id, samples, self._run_blocking)
+
+    def held_bytes(self) -> int:
+        """Memory this session's inputs hold: camera frames, user items awaiting a response or in flight,
+        the history's user turns, and the VAD's buffered audio."""
+        seen: set[int] = set()
+        total = self._vad.held_bytes(self.session_id)
+        for obj in self.controller.held():
+            value = (obj.audio if isinstance(obj, InputAudio) else obj.image if isinstance(obj, InputImage)
+                     else obj.text if isinstance(obj, InputText) else obj)
+            if id(value) not in seen:
+                seen.add(id(value))
+                total += _nbytes(value)
+        return total
 
     def set_vad_params(self, params: VadParams | None) -> None:
         """New VAD parameters (a fresh stream from here on), or None for manual turns (no VAD)."""
@@ -286,17 +384,21 @@ class DuplexSession:
         """Abort everything this session started; stop TTS; nothing keeps running."""
         self._closed = True
         self._vad.remove(self.session_id)
+        self.transcripts.close()
         if self._progress_timer is not None:
             self._progress_timer.cancel()
         for request_id, (engine, task) in list(self._requests.items()):
             task.cancel()
-            await self._engines[engine].abort(request_id)
+            await engine.abort(request_id)
         for task in [*self._speech_tasks.values(), *[t for _, t in self._requests.values()]]:
             task.cancel()
         await asyncio.gather(*self._speech_tasks.values(), *[t for _, t in self._requests.values()],
                              *self._aborts, return_exceptions=True)
         self._requests.clear()
         self._speech_tasks.clear()
+        # Let go of every input now (frames, pending items, history): the session object itself may live on
+        # in reference cycles until the garbage collector's next full pass.
+        self.controller = DuplexController(self.settings.controller, session_id=self.session_id)
 
     # --- the inbox ------------------------------------------------------------------------------
 
@@ -361,14 +463,85 @@ class DuplexSession:
 
     def _start_generation(self, action: StartGeneration) -> None:
         engine = self._engines[action.engine]
-        prompt = self._render(engine, action.prompt)
-        task = asyncio.ensure_future(self._generate(engine, action.request_id, prompt))
-        self._requests[action.request_id] = (action.engine, task)
+        if hears(engine.prompts.config):
+            seen = self._seen(engine, action)
+            if self._run_blocking is not None and _text_chars(seen) > self.settings.offload_text_chars:
+                task = asyncio.ensure_future(self._render_then_generate(engine, action.request_id, seen))
+            else:
+                task = asyncio.ensure_future(self._generate(engine, action.request_id, self._render(engine, seen)))
+        else:  # judged and rendered from the transcripts, once they are in
+            task = asyncio.ensure_future(self._generate_heard(engine, action))
+        self._requests[action.request_id] = (engine, task)
 
-    async def _generate(self, engine: Engine, request_id: str, prompt: EngineInput) -> None:
+    def _seen(self, engine: Engine, action: StartGeneration) -> TurnPrompt:
+        """The turn as the engine can take it: an engine that cannot see (untrained vision tower) gets no
+        images or video, and the client and the log are told, instead of an answer to noise."""
+        prompt = action.prompt
+        if not prompt.frames or sees(engine.prompts.config):
+            return prompt
+        kind = "video" if prompt.modality == "video" else "image"
+        log.info("session %s request %s: the model cannot see; %d %s item(s) left out, answering the rest",
+                 self.session_id, action.request_id, len(prompt.frames), kind)
+        self.outbound.put_nowait(InputDropped(action.request_id, kind, len(prompt.frames)))
+        return replace(prompt, frames=(), modality="audio" if prompt.audio else "text")
+
+    async def _render_then_generate(self, engine: Engine, request_id: str, prompt: TurnPrompt) -> None:
+        """A long prompt is tokenized through `run_blocking` (seconds for a long text would stall every
+        session on the event loop), then generated as any other."""
+        assert self._run_blocking is not None
+        try:
+            rendered = await self._run_blocking(self._render, engine, prompt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - as an engine failure: this request ends, the session goes on
+            log.warning("session %s request %s: prompt failed: %s", self.session_id, request_id, exc)
+            self._requests.pop(request_id, None)
+            self._feed(GenerationEnded(request_id, "error", str(exc)))
+            return
+        if request_id in self._requests:  # not aborted meanwhile
+            await self._generate(engine, request_id, rendered)
+
+    async def _generate_heard(self, engine: Engine, action: StartGeneration) -> None:
+        """A turn for an engine that cannot hear (no trained audio tower): speech, this turn's and the
+        history's, becomes its transcript. The verdict VITA's first token would give comes from the
+        transcript instead: nothing but noise words (`is_noise_transcript`) is noise, other speech a
+        query, typed text a text query. It is fed as the request's first token, so the controller's
+        policy (barge-in, supersession, history) is the same as for a model that hears."""
+        request_id, prompt = action.request_id, action.prompt
+        past = [p.audio for turn in prompt.history for p in turn.user if isinstance(p, InputAudio)]
+        clips = [*past, *prompt.audio]
+        texts = await asyncio.gather(*(self.transcripts.text(clip) for clip in clips))
+        heard = {id(clip): text for clip, text in zip(clips, texts, strict=True)}
+        if request_id not in self._requests:  # aborted (superseded, cancelled) while it was transcribed
+            return
+        tokens = self.settings.controller.state_tokens
+        if tokens is not None and tokens.query == TRANSCRIPT_VERDICT_IDS["query"]:
+            spoken = " ".join(t for clip in prompt.audio if (t := heard[id(clip)]))
+            if not prompt.audio:
+                verdict = tokens.text
+            elif action.role == "probe" and not (prompt.text or "").strip() and is_noise_transcript(spoken):
+                verdict = tokens.noise
+            else:
+                verdict = tokens.query
+            self._feed(TokenDelta(request_id, (verdict,), ""))
+            if request_id not in self._requests:  # noise, or refused (an answer is in progress)
+                return
+        try:
+            rendered = self._render(engine, self._seen(engine, action), heard)
+        except Exception as exc:  # noqa: BLE001 - as an engine failure: this request ends, the session goes on
+            log.warning("session %s request %s: prompt failed: %s", self.session_id, request_id, exc)
+            self._requests.pop(request_id, None)
+            self._feed(GenerationEnded(request_id, "error", str(exc)))
+            return
+        await self._generate(engine, request_id, rendered, state_token=False)
+
+    async def _generate(self, engine: Engine, request_id: str, prompt: EngineInput, *,
+                        state_token: bool = True) -> None:
         sampling = self.settings.sampling
-        # max_tokens counts the reply the user gets: the state token comes on top.
-        budget = reply_token_budget(sampling.max_tokens, self.settings.controller.state_tokens)
+        # max_tokens counts the reply the user gets: the state token comes on top (an engine that hears
+        # through transcripts generates none: its verdict came from the transcript).
+        tokens = self.settings.controller.state_tokens if state_token else None
+        budget = reply_token_budget(sampling.max_tokens, tokens)
         try:
             async for delta in engine.generate(prompt, request_id, replace(sampling, max_tokens=budget)):
                 if delta.token_ids or delta.text:
@@ -383,42 +556,57 @@ class DuplexSession:
         except Exception as exc:  # noqa: BLE001 - any engine failure ends this request only; the session goes on
             log.warning("session %s request %s failed: %s", self.session_id, request_id, exc)
             self._requests.pop(request_id, None)
-            self._feed(GenerationEnded(request_id, "error", str(exc)))
+            code = exc.code if isinstance(exc, EngineRequestError) else "engine_error"
+            self._feed(GenerationEnded(request_id, "error", str(exc), code=code))
 
     def _abort(self, request_id: str) -> None:
         entry = self._requests.pop(request_id, None)
         if entry is None:
             return
-        engine_index, _task = entry
+        engine, _task = entry
         # The engine's stream ends with "abort", which the generate task reports; the controller
         # ignores events of aborted requests.
-        task = asyncio.ensure_future(self._engines[engine_index].abort(request_id))
+        task = asyncio.ensure_future(engine.abort(request_id))
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 
-    def _render(self, engine: Engine, prompt: TurnPrompt) -> EngineInput:
+    def _render(
+        self, engine: Engine, prompt: TurnPrompt, heard: dict[int, str | None] | None = None
+    ) -> EngineInput:
         """TurnPrompt → token ids + media, with VITA's template for this checkpoint (`models.prompts`:
-        images, then the text, then the audio of each user turn; replies after their state token)."""
+        images, then the text, then the audio of each user turn; replies after their state token).
+
+        ``heard``: for an engine that cannot hear, each clip's transcript by ``id(clip)``: a user turn's
+        speech becomes its text (after what was typed), and replies carry no state token (such a model
+        never learnt them)."""
         layout = engine.prompts.config.layout
         turns: list[Turn] = []
         audios: list[np.ndarray] = []
+
+        def user(typed: str, clips: list[object]) -> tuple[str, int]:
+            """The user turn's text and number of audio placeholders."""
+            if heard is None:
+                audios.extend(np.asarray(clip, dtype=np.float32) for clip in clips)
+                return typed, len(clips)
+            return " ".join(t for t in (typed, *(heard.get(id(clip)) for clip in clips)) if t), 0
+
         for past in prompt.history:
             texts = [p.text for p in past.user if isinstance(p, InputText)]
-            clips = [np.asarray(p.audio, dtype=np.float32) for p in past.user if isinstance(p, InputAudio)]
-            audios += clips
-            turns.append(Turn("user", text=" ".join(texts), audios=len(clips)))
+            text, n = user(" ".join(texts), [p.audio for p in past.user if isinstance(p, InputAudio)])
+            turns.append(Turn("user", text=text, audios=n))
             state, reply = split_state_prefix(past.assistant, layout)  # the controller put it there
-            turns.append(Turn("assistant", text=reply, state=state))
-        clips = [np.asarray(a, dtype=np.float32) for a in prompt.audio]
-        audios += clips
+            turns.append(Turn("assistant", text=reply, state=state if heard is None else None))
+        text, n = user(prompt.text or "", list(prompt.audio))
+        modality = prompt.modality if heard is None or prompt.frames else "text"
         size = engine.prompts.config.vision_config.image_size
-        images = [square_frame(f, size) if prompt.modality == "video" else f for f in prompt.frames]
-        turns.append(Turn("user", text=prompt.text or "", images=len(images), audios=len(clips)))
-        system = engine.prompts.system_prompt(prompt.modality)
+        images = [square_frame(f, size) if modality == "video" else f for f in prompt.frames]
+        turns.append(Turn("user", text=text, images=len(images), audios=n))
+        system = engine.prompts.system_prompt(modality)
         if prompt.instructions:
             system = f"{system}\n{prompt.instructions}"
-        ids = engine.prompts.build(turns, modality=prompt.modality, system=system)
-        return EngineInput(ids, images=images, audios=audios, max_dynamic_patch=1 if prompt.modality == "video" else None)
+        ids = engine.prompts.build(turns, modality=modality, system=system)
+        patches = 1 if modality == "video" else None
+        return EngineInput(ids, images=images, audios=audios, max_dynamic_patch=patches)
 
     # --- speech out -----------------------------------------------------------------------------
 
@@ -432,21 +620,36 @@ class DuplexSession:
             )
         queue.put_nowait((action.sentence_index, action.text))
 
+    def _sentence_audio(self, text: str, first: bool) -> AsyncIterator[np.ndarray]:
+        """The TTS stream of one sentence; `first` (an answer's first sentence) for backends that take it
+        (the vita voice starts an answer with a shorter first chunk, as upstream)."""
+        if self._tts_takes_first:
+            return self._tts.synthesize(text, first=first)
+        return self._tts.synthesize(text)
+
     async def _synthesize(self, response_id: str, queue: asyncio.Queue[tuple[int, str] | None]) -> None:
         rate = self.settings.controller.output_sample_rate
+        speaking = False
         try:
             while True:
                 item = await queue.get()
                 if item is None:
                     return
                 index, text = item
-                async with contextlib.aclosing(self._tts.synthesize(text)) as chunks:
+                speaking = True
+                async with contextlib.aclosing(self._sentence_audio(text, first=index == 0)) as chunks:
                     async for pcm in chunks:
                         pcm = resample(pcm, self._tts.sample_rate, rate)
                         if len(pcm):
                             self._feed(SpeechSynthesized(response_id, index, pcm, len(pcm)))
+                speaking = False
                 self._feed(SentenceSynthesized(response_id, index))
         except asyncio.CancelledError:
+            # The stream was closed on the way out (its backend stopped its work there, the vita voice
+            # aborting its vLLM request): say how long that took after the cancel.
+            cancelled_at = self._speech_cancelled_at.pop(response_id, None)
+            if speaking and cancelled_at is not None and not self._closed:
+                self.outbound.put_nowait(SpeechStopped(response_id, time.perf_counter() - cancelled_at))
             raise
         except Exception as exc:  # noqa: BLE001 - a TTS failure loses this audio, not the session
             log.warning("session %s TTS failed for %s: %s", self.session_id, response_id, exc)
@@ -461,6 +664,8 @@ class DuplexSession:
         task = self._speech_tasks.pop(response_id, None)
         self._speech_queues.pop(response_id, None)
         if task is not None:
+            if not task.done():
+                self._speech_cancelled_at[response_id] = time.perf_counter()
             task.cancel()
 
     def _arm_progress(self) -> None:
@@ -478,3 +683,21 @@ class DuplexSession:
 
         self._progress_timer = loop.call_later(self._pacer.seconds_until_played(), report)
 
+
+def _text_chars(prompt: TurnPrompt) -> int:
+    """Characters of text a prompt holds (what tokenizing it costs)."""
+    history = sum(len(turn.assistant) + sum(len(p.text) for p in turn.user if isinstance(p, InputText))
+                  for turn in prompt.history)
+    return len(prompt.text or "") + len(prompt.instructions or "") + history
+
+
+def _nbytes(value: object) -> int:
+    """Memory of one held input: an array's bytes, an image's pixels, a text's characters."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, str):
+        return len(value)
+    size = getattr(value, "size", None)  # a PIL image: (width, height), and its bands
+    if isinstance(size, tuple) and len(size) == 2 and hasattr(value, "getbands"):
+        return size[0] * size[1] * len(value.getbands())  # type: ignore[attr-defined]
+    return 0

@@ -172,6 +172,10 @@ class FrameWindow:
         while self._frames and self._frames[0][0] < oldest:
             self._frames.popleft()
 
+    def held(self) -> list[object]:
+        """Every frame kept (for a memory budget)."""
+        return [frame for _, frame in self._frames]
+
     def before(self, end: int) -> tuple[object, ...]:
         """Exactly max_frames frames from the window before ``end`` (none if it holds none), as VITA-1.5's
         demo picks them: `np.linspace(0, n - 1, max_frames, dtype=int)`, spread when there are more

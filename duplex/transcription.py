@@ -20,8 +20,12 @@ the final `Transcript`. `transcription_events` wraps the stream so that it never
 cancellation): failures come out as one `TranscriptionFailure`. The three event types map one to one
 onto GA's ``conversation.item.input_audio_transcription.delta`` / ``.completed`` / ``.failed``.
 
-This module knows nothing of sessions, WebSockets or JSON events: the server decides when to call it
-(once per committed user audio item) and turns what comes out into wire events.
+`SessionTranscripts` holds one session's transcriptions, one per clip of user speech, shared by the
+server's transcription events for an item and by a model that hears through transcripts (`duplex.runtime`:
+a model without a trained audio tower gets each segment's transcript as the user's text, and
+`is_noise_transcript` decides when a segment is noise). This module knows nothing of WebSockets or JSON
+events: the server decides when to ask (once per committed user audio item) and turns what comes out
+into wire events.
 """
 
 from __future__ import annotations
@@ -51,9 +55,8 @@ Backend = Literal["pocketsphinx", "http", "none"]
 BACKENDS: tuple[str, ...] = ("pocketsphinx", "http", "none")
 
 POCKETSPHINX_MISSING = (
-    "the pocketsphinx transcription backend needs the pocketsphinx package: "
-    "pip install 'vita-duplex[transcription]' (or pip install pocketsphinx); "
-    "or set the transcription backend to 'http' or 'none'"
+    "the pocketsphinx transcription backend needs the pocketsphinx package (a core dependency of vita-duplex: "
+    "pip install pocketsphinx); or set the transcription backend to 'http' or 'none'"
 )
 
 log = logging.getLogger(__name__)
@@ -838,3 +841,102 @@ def make_transcriber(settings: TranscriptionSettings) -> Transcriber:
             stream=settings.stream,
         )
     return NoTranscription()
+
+
+# --- per session -----------------------------------------------------------------------------------
+
+# What a recognizer makes of a cough, a breath or a hesitation: a transcript of nothing but these is not
+# a question. Kept short on purpose: "no", "hi" and "yes" are answers.
+FILLER_WORDS = frozenset({
+    "a", "ah", "aha", "eh", "er", "erm", "ha", "hm", "hmm", "huh", "mhm", "mm", "mmm", "oh", "uh", "uhm", "um",
+    "the", "an", "i",
+})
+
+
+def is_noise_transcript(text: str | None) -> bool:
+    """Whether a transcript is empty or near-empty: no words, or only hesitation sounds and lone articles
+    ("", "uh", "the", "hmm oh"). A model that hears through transcripts treats such a segment as noise
+    (as VITA's ☟), so a cough does not get an answer."""
+    return all(word in FILLER_WORDS for word in normalize_words(text or ""))
+
+
+class ClipTranscription:
+    """One clip's transcription, running in its own task: its events so far (GA order, ending with one
+    `Transcript` or `TranscriptionFailure`), for any number of readers, early or late."""
+
+    def __init__(self, transcriber: Transcriber, audio: np.ndarray, language: str | None,
+                 prompt: str | None) -> None:
+        self.events: list[TranscriptionEvent] = []
+        self._changed = asyncio.Event()
+        self.task = asyncio.ensure_future(self._run(transcriber, audio, language, prompt))
+
+    async def _run(self, transcriber: Transcriber, audio: np.ndarray, language: str | None,
+                   prompt: str | None) -> None:
+        try:
+            async for event in transcription_events(transcriber, audio, language=language, prompt=prompt):
+                self.events.append(event)
+                self._changed.set()
+        finally:
+            self._changed.set()
+
+    @property
+    def done(self) -> bool:
+        return self.task.done()
+
+    async def follow(self) -> AsyncIterator[TranscriptionEvent]:
+        """Every event, from the first, as it comes; ends with the transcription (or when it is cancelled)."""
+        seen = 0
+        while True:
+            while seen < len(self.events):
+                seen += 1
+                yield self.events[seen - 1]
+            if self.task.done():
+                return
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def text(self) -> str | None:
+        """The final transcript, or None if the transcription failed or was stopped. Waiting here never
+        cancels the transcription itself (another reader may want it)."""
+        await asyncio.wait({self.task})
+        last = self.events[-1] if self.events else None
+        return last.text if isinstance(last, Transcript) else None
+
+
+class SessionTranscripts:
+    """One session's transcriptions, one per clip of user audio: the server's event stream for an item and
+    a model that hears through transcripts share it, and a clip that comes back in a later prompt's history
+    is not transcribed again. Clips are known by identity (the session keeps the same array object from the
+    VAD segment to the history); the newest `max_clips` are kept."""
+
+    def __init__(self, transcriber: Transcriber, *, language: str | None = None, max_clips: int = 32) -> None:
+        self.transcriber = transcriber
+        self.language = language
+        self.prompt: str | None = None
+        self._max = max_clips
+        self._clips: dict[int, tuple[object, ClipTranscription]] = {}  # insertion order: oldest first
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.transcriber.enabled)
+
+    def of(self, audio: Any) -> ClipTranscription:
+        """The clip's transcription, started now if it was not yet (call from the event loop)."""
+        entry = self._clips.get(id(audio))
+        if entry is not None and entry[0] is audio:
+            return entry[1]
+        clip = ClipTranscription(self.transcriber, np.asarray(audio), self.language, self.prompt)
+        self._clips[id(audio)] = (audio, clip)  # holding the object keeps its id from being reused
+        while len(self._clips) > self._max:
+            _, old = self._clips.pop(next(iter(self._clips)))
+            old.task.cancel()  # (a no-op when it is done)
+        return clip
+
+    async def text(self, audio: Any) -> str | None:
+        return await self.of(audio).text()
+
+    def close(self) -> None:
+        """Stop every transcription still running (the session is over)."""
+        for _, clip in self._clips.values():
+            clip.task.cancel()
+        self._clips.clear()

@@ -38,12 +38,16 @@ class TextToSpeech(Protocol):
     yielding float32 mono chunks in [-1, 1] at ``sample_rate``.
 
     Iterate it inside ``contextlib.aclosing(...)``: a bare ``async for`` that is cancelled or left
-    early does not close the generator, so its work only stops when Python collects it."""
+    early does not close the generator, so its work only stops when Python collects it.
+
+    ``first`` says whether ``text`` is the first sentence of an answer (True), a later one (False), or
+    unknown (None). Most backends ignore it; the vita voice (`duplex.tts_vita`) starts an answer with a
+    shorter first audio chunk, as upstream does."""
 
     @property
     def sample_rate(self) -> int: ...
 
-    def synthesize(self, text: str) -> AsyncIterator[np.ndarray]: ...
+    def synthesize(self, text: str, *, first: bool | None = None) -> AsyncIterator[np.ndarray]: ...
 
 
 def speakable(text: str) -> str:
@@ -62,7 +66,7 @@ class TextOnlyTTS:
     def sample_rate(self) -> int:
         return self._rate
 
-    async def synthesize(self, text: str) -> AsyncIterator[np.ndarray]:
+    async def synthesize(self, text: str, *, first: bool | None = None) -> AsyncIterator[np.ndarray]:
         return
         yield  # unreachable; makes this an async generator
 
@@ -213,8 +217,8 @@ class EspeakTTS:
             self._engine.synth(text, self.voice, self.rate_wpm, sink)
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
-    async def synthesize(self, text: str) -> AsyncIterator[np.ndarray]:
-        """Stream chunks (~100 ms each) as espeak produces them. Stopping iteration (``aclose`` or
+    async def synthesize(self, text: str, *, first: bool | None = None) -> AsyncIterator[np.ndarray]:
+        """Stream chunks (~100 ms each) as espeak produces them (``first`` is ignored). Stopping iteration (``aclose`` or
         task cancellation) aborts the synthesis at its next buffer and waits for the worker, so
         nothing outlives the iteration. There is no backpressure on purpose: pausing espeak for a
         slow consumer would hold the process-wide lock and stall every other session."""

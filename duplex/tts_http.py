@@ -39,7 +39,7 @@ class OpenAISpeechTTS:
     def sample_rate(self) -> int:
         return PCM_RATE
 
-    async def synthesize(self, text: str) -> AsyncIterator[np.ndarray]:
+    async def synthesize(self, text: str, *, first: bool | None = None) -> AsyncIterator[np.ndarray]:
         if not text.strip():
             return
         body = {"model": self._model, "voice": self._voice, "input": text, "response_format": "pcm"}

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,8 +45,11 @@ class VitaVoice:
         self.embedder = embedder
 
     @classmethod
-    async def start(cls, model_dir: str | Path, settings: VoiceSettings | None = None) -> VitaVoice:
-        """`model_dir`: the VITA-1.5 checkpoint (its `vita_tts_ckpt/` and embedding table are read)."""
+    async def start(
+        cls, model_dir: str | Path, settings: VoiceSettings | None = None, tokenizer: Any = None
+    ) -> VitaVoice:
+        """`model_dir`: the VITA-1.5 checkpoint (its `vita_tts_ckpt/` and embedding table are read);
+        `tokenizer`: the LLM engine's (None: loaded from `model_dir`)."""
         tts_dir = find_tts_dir(model_dir)
         if tts_dir is None:
             raise FileNotFoundError(
@@ -56,7 +60,7 @@ class VitaVoice:
         )
         engine = await VoiceEngine.start(settings)
         try:
-            embedder = await asyncio.to_thread(TextEmbedder, model_dir, engine.ckpt.decoder.idim)
+            embedder = await asyncio.to_thread(TextEmbedder, model_dir, engine.ckpt.decoder.idim, tokenizer)
         except BaseException:
             await engine.shutdown()
             raise

@@ -239,6 +239,10 @@ class VadStream:
         self._buf = np.concatenate((self._buf[self._pos - CONTEXT :], x))
         self._pos = CONTEXT
 
+    def held_bytes(self) -> int:
+        """Audio this stream holds: buffered input and the scored audio kept for a segment."""
+        return self._buf.nbytes + len(self._hist) * WINDOW * 4  # every kept window is 512 float32 samples
+
     @property
     def windows_ready(self) -> int:
         """Full 512-sample windows buffered and not yet scored."""
@@ -357,6 +361,16 @@ class VadBank:
 
     def remove_stream(self, stream_id: Hashable) -> None:
         self._streams.pop(stream_id, None)
+
+    def detach(self, stream_id: Hashable) -> VadStream:
+        """Take a stream out of the batched rounds (to score it elsewhere, e.g. in a thread); `attach` puts
+        it back."""
+        return self._streams.pop(stream_id)
+
+    def attach(self, stream_id: Hashable, stream: VadStream) -> None:
+        if stream_id in self._streams:
+            raise KeyError(f"stream {stream_id!r} already exists")
+        self._streams[stream_id] = stream
 
     def stream(self, stream_id: Hashable) -> VadStream:
         return self._streams[stream_id]

@@ -10,6 +10,9 @@ Three config formats are read, and converted in memory (a user's files are never
   text-model config plus `mm_*` keys naming the vision tower and audio encoder repos;
 - **port**: VITA's own vLLM port (`web_demo/vllm_tools/*_model_weight_file/config.json`,
   `qwen2_multimodal` / `mixtral_multimodal`), with text/vision/audio sub-configs and a feature extractor.
+- **text**: a plain text LLM (`architectures: [...ForCausalLM]`, no towers) whose tokenizer speaks ChatML
+  (`<|im_start|>` / `<|im_end|>`, as Qwen2 / Qwen2.5 / SmolLM2): served by vLLM as it is, prompted with
+  VITA-1.5's template, hearing through input transcription and seeing nothing (a cascade voice agent).
 
 Every value that is not in the file comes from somewhere named: a tower repo's config, the audio encoder's
 `train.yaml` and `global_cmvn`, the tensors' shapes (read from the safetensors headers, nothing loaded),
@@ -33,10 +36,11 @@ import numpy as np
 from .config import VITA_ARCHITECTURE, Layout, VitaConfig, register_config
 from .state_tokens import STATE_TOKEN_TEXT
 from .state_tokens import state_token_ids as _tokenizer_state_ids
+from .vita_tts.config import CODEC_DIR, CONFIG_FILE, DECODER_DIR, TTS_DIR, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
-ConfigFormat = Literal["vita", "training", "port"]
+ConfigFormat = Literal["vita", "training", "port", "text"]
 
 # Training format: model_type -> (layout, text model_type, text architecture).
 TRAINING_MODEL_TYPES: dict[str, tuple[Layout, str, str]] = {
@@ -49,6 +53,9 @@ PORT_ARCHITECTURES: dict[str, Layout] = {
     "Qwen2ForConditionalGeneration": "vita15", "MixtralForConditionalGeneration": "vita10",
 }
 ACCEPTED_MODEL_TYPES = ("vita", *TRAINING_MODEL_TYPES, *PORT_MODEL_TYPES)
+# A plain text checkpoint is prompted with VITA-1.5's ChatML template: these must be single tokens.
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+_TOWER_KEYS = ("mm_vision_tower", "mm_audio_encoder", "vision_config", "audio_config", "text_config")
 
 # Keys of the training config that describe the towers or the training run, not the text model.
 _TRAINING_ONLY_KEYS = re.compile(
@@ -100,6 +107,22 @@ class Checkpoint:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._/-]+)?$")
 # What a model snapshot needs; weights only as safetensors (never pickles), no code.
 _MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.yaml", "*.jinja"]
+# One exception: VITA-1.5's voice, whose two weight files are pickles (`final.pt`). They are fetched by their exact
+# names only, and only ever read with `torch.load(weights_only=True)` (models.vita_tts.weights), which refuses
+# anything but tensors, dicts, lists and numbers: no code runs from them.
+_VOICE_FILES = [f"{TTS_DIR}/{part}/{name}" for part in (DECODER_DIR, CODEC_DIR)
+                for name in (CONFIG_FILE, WEIGHTS_FILE)]
+
+
+def snapshot_patterns(sub: str = "") -> list[str]:
+    """`allow_patterns` of a hub snapshot (fnmatch, where `*` also matches `/`): the model files of the
+    checkpoint folder `sub` (the whole repo when empty), and the voice's four files in `vita_tts_ckpt/` inside
+    that folder or beside it (VITA-MLLM/VITA-1.5 keeps `VITA1.5_ckpt/` and `vita_tts_ckpt/` at its root)."""
+    if not sub:
+        return [*_MODEL_FILES, *_VOICE_FILES, *(f"*/{v}" for v in _VOICE_FILES)]
+    parent = sub.rsplit("/", 1)[0] + "/" if "/" in sub else ""
+    return [*(f"{sub}/{p}" for p in _MODEL_FILES), *(f"{sub}/{v}" for v in _VOICE_FILES),
+            *(f"{parent}{v}" for v in _VOICE_FILES)]
 
 
 def is_hub_id(spec: str) -> bool:
@@ -116,8 +139,7 @@ def resolve_model_dir(spec: str | Path) -> Path:
         raise CheckpointError(f"model {text!r} is neither a directory nor a hub id (owner/name)")
     parts = text.split("/")
     repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
-    patterns = [f"{sub}/{p}" if sub else p for p in _MODEL_FILES]
-    local = Path(_snapshot(repo, patterns))
+    local = Path(_snapshot(repo, snapshot_patterns(sub)))
     return _checkpoint_root(local / sub if sub else local, text)
 
 
@@ -219,9 +241,13 @@ def detect_format(raw: Mapping[str, Any]) -> tuple[ConfigFormat, Layout | None]:
     for arch in architectures:
         if arch in PORT_ARCHITECTURES and "text_config" in raw:
             return "port", PORT_ARCHITECTURES[arch]
+    if (isinstance(model_type, str) and any(str(a).endswith("ForCausalLM") for a in architectures)
+            and not any(key in raw for key in _TOWER_KEYS)):
+        return "text", "vita15"  # a plain text LLM: ChatML, as VITA-1.5's template
     raise CheckpointError(
-        f"config.json model_type {model_type!r} (architectures {architectures}) is not a VITA checkpoint; "
-        f"accepted model types: {', '.join(ACCEPTED_MODEL_TYPES)}"
+        f"config.json model_type {model_type!r} (architectures {architectures}) is neither a VITA checkpoint "
+        f"(accepted model types: {', '.join(ACCEPTED_MODEL_TYPES)}) nor a plain text LLM (architectures "
+        "ending in ForCausalLM, no vision/audio towers)"
     )
 
 
@@ -236,6 +262,9 @@ def open_checkpoint(spec: str | Path, tokenizer: Any = None) -> Checkpoint:
     ckpt = Checkpoint(spec=str(spec), path=path, config_format=config_format, config=VitaConfig(),
                       tensor_shapes=shapes, raw_config=dict(raw), tokenizer=tokenizer)
     ckpt.sources["config"] = f"{path / 'config.json'} ({config_format} format)"
+    if config_format == "text":
+        ckpt.config = _from_text(raw, tokenizer, ckpt)
+        return ckpt
     if config_format == "vita":
         register_config()
         config = VitaConfig.from_pretrained(str(path))
@@ -315,6 +344,29 @@ def _from_port(raw: Mapping[str, Any], layout: Layout, shapes: Mapping[str, tupl
            if k in raw}
     return VitaConfig(text_config=text, vision_config=vision, audio_config=audio, layout=layout,
                       dtype=_stored_dtype(text), **top)
+
+
+def _from_text(raw: Mapping[str, Any], tokenizer: Any, ckpt: Checkpoint) -> VitaConfig:
+    """A plain text LLM: no towers (both marked untrained, so the server hears through transcripts and drops
+    vision), no placeholders, no state tokens. Its own config goes to vLLM unchanged (`VitaEngine`)."""
+    added = tokenizer.get_added_vocab()
+    missing = [t for t in CHATML_TOKENS if t not in added
+               and len(tokenizer.encode(t, add_special_tokens=False)) != 1]
+    if missing:
+        raise CheckpointError(
+            f"plain text checkpoint {ckpt.path}: its tokenizer has no {' / '.join(missing)} token; a text LLM is "
+            "served with VITA-1.5's ChatML template (<|im_start|>role ... <|im_end|>), as Qwen2, Qwen2.5 and "
+            "SmolLM2 are trained")
+    text = {k: v for k, v in raw.items() if k not in ("auto_map", "_name_or_path", "transformers_version")}
+    config = VitaConfig(text_config=text, layout="vita15", state_token_ids={}, dtype=_stored_dtype(text),
+                        tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+                        audio_tower_trained=False, vision_tower_trained=False,
+                        eos_token_id=text.get("eos_token_id"))
+    config.config_format = "text"
+    ckpt.sources["text_config"] = "config.json (a plain text LLM, served by vLLM as it is)"
+    ckpt.sources["towers"] = "none: speech is heard through input transcription, images and video are dropped"
+    ckpt.sources["state tokens"] = "none (not a VITA model): empty transcripts are noise, the rest is answered"
+    return config
 
 
 def _stored_dtype(text: Mapping[str, Any]) -> Any:
@@ -543,10 +595,15 @@ class TensorCheck:
         return lines + ([f"... and {hidden} more"] if hidden > 0 else [])
 
 
+_TOWER_PREFIXES = ("model.vision_tower.", "model.mm_projector.", "model.audio_encoder.")
+
+
 def check_tensors(ckpt: Checkpoint) -> TensorCheck:
     from .layout import checkpoint_shapes
 
     expected = checkpoint_shapes(ckpt.config)
+    if ckpt.config_format == "text":  # a plain text LLM has the text model's tensors only
+        expected = {name: shape for name, shape in expected.items() if not name.startswith(_TOWER_PREFIXES)}
     found = ckpt.tensor_shapes
     return TensorCheck(
         missing=sorted(set(expected) - set(found)),

@@ -84,6 +84,11 @@ class VitaConfig(PreTrainedConfig):
     max_dynamic_patch: int = 12
     use_thumbnail: bool = True
     tie_word_embeddings: bool = False
+    # Whether the towers were trained. False: the model cannot understand that input (the embedded demo's
+    # towers are random; a plain text LLM has none). The server then hears speech through its transcript
+    # (`duplex.runtime`) and drops images and video with a notice instead of feeding the model noise.
+    audio_tower_trained: bool = True
+    vision_tower_trained: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         if isinstance(self.text_config, dict):
@@ -120,6 +125,16 @@ class VitaConfig(PreTrainedConfig):
     @property
     def vision_projector_in(self) -> int:
         return int(self.vision_config.hidden_size / self.downsample_ratio**2)
+
+
+def hears(config: Any) -> bool:
+    """Whether the model understands audio itself (a trained audio tower); else it hears through transcripts."""
+    return bool(getattr(config, "audio_tower_trained", True))
+
+
+def sees(config: Any) -> bool:
+    """Whether the model understands images and video (a trained vision tower)."""
+    return bool(getattr(config, "vision_tower_trained", True))
 
 
 def state_tokens_of(config: VitaConfig) -> StateTokens | None:

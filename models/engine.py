@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .config import VitaConfig, register_config, state_tokens_of
+from .errors import EngineUnavailableError, PromptTooLongError
 from .prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 # Env vars are read by vLLM's spawned engine process at start, so two engines started at the same
 # time must not see each other's values.
 _ENV_LOCK = asyncio.Lock()
+
+# vLLM's refusal of a prompt over max_model_len by its input processor ("The decoder prompt (length 5000) is
+# longer than the maximum model length of 4096", or "... plus the number of requested output tokens ...
+# maximum model length of N"); its renderer's says parameter="input_tokens" with the count as the value.
+_TOO_LONG = re.compile(r"prompt \(length (\d+)\).*maximum model length of (\d+)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -146,9 +153,18 @@ class VitaEngine(AsyncLLMRequests):
                 f"{settings.model}: the tensors do not match the VITA layout of its config: "
                 f"{'; '.join(check.describe(5))} (`vita-duplex inspect {settings.model}` lists them all)")
         config, tokenizer = ckpt.config, ckpt.tokenizer
+        if ckpt.config_format == "text":
+            # A plain text LLM (no towers): vLLM serves it with its own architecture and config; only the
+            # prompts are VITA's (ChatML), and its input is text (speech through transcripts).
+            media: dict[str, Any] = {}
+        else:
+            media = {
+                "config_format": VITA_CONFIG_FORMAT,  # models.checkpoint converts the config in the engine too
+                "limit_mm_per_prompt": {"image": settings.limit_images, "audio": settings.limit_audios},
+                "mm_processor_cache_gb": settings.mm_cache_gb,
+            }
         args = AsyncEngineArgs(
             model=str(ckpt.path),
-            config_format=VITA_CONFIG_FORMAT,  # models.checkpoint converts the config in the engine too
             dtype=settings.dtype,
             max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs,
@@ -157,9 +173,8 @@ class VitaEngine(AsyncLLMRequests):
             gpu_memory_utilization=settings.gpu_memory_utilization,
             tensor_parallel_size=settings.tensor_parallel_size,
             kv_cache_memory_bytes=settings.kv_cache_bytes,
-            limit_mm_per_prompt={"image": settings.limit_images, "audio": settings.limit_audios},
             enable_prefix_caching=settings.enable_prefix_caching,
-            mm_processor_cache_gb=settings.mm_cache_gb,
+            **media,
         )
         async with _ENV_LOCK:
             with _placement_env(settings):
@@ -173,8 +188,16 @@ class VitaEngine(AsyncLLMRequests):
         self, prompt: EngineInput, request_id: str | None = None, sampling: Sampling = Sampling()
     ) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
 
+        llm = self._llm
+        if llm is None or llm.errored:
+            raise EngineUnavailableError("this engine has stopped; the server is restarting it")
+        limit = int(llm.model_config.max_model_len)
+        if len(prompt.token_ids) >= limit:  # before any media is processed: text alone is already too long
+            raise PromptTooLongError(len(prompt.token_ids), limit)
         request_id = request_id or uuid.uuid4().hex
         params = SamplingParams(
             max_tokens=sampling.max_tokens,
@@ -186,18 +209,31 @@ class VitaEngine(AsyncLLMRequests):
             output_kind=RequestOutputKind.DELTA,
         )
         first = True
-        async for output in self._llm.generate(prompt.to_vllm(), params, request_id=request_id):
-            completion = output.outputs[0]
-            prompt_tokens = len(output.prompt_token_ids or ()) if first else None
-            first = False
-            yield Delta(
-                request_id=request_id,
-                token_ids=tuple(completion.token_ids),
-                text=completion.text,
-                finish_reason=completion.finish_reason if output.finished else None,
-                logprobs=_logprob_dicts(completion.logprobs),
-                num_prompt_tokens=prompt_tokens,
-            )
+        try:
+            async for output in llm.generate(prompt.to_vllm(), params, request_id=request_id):
+                completion = output.outputs[0]
+                prompt_tokens = len(output.prompt_token_ids or ()) if first else None
+                first = False
+                yield Delta(
+                    request_id=request_id,
+                    token_ids=tuple(completion.token_ids),
+                    text=completion.text,
+                    finish_reason=completion.finish_reason if output.finished else None,
+                    logprobs=_logprob_dicts(completion.logprobs),
+                    num_prompt_tokens=prompt_tokens,
+                )
+        except EngineDeadError as exc:
+            raise EngineUnavailableError(
+                "the engine serving this request stopped; the server is restarting it"
+            ) from exc
+        except VLLMValidationError as exc:
+            # With media the expanded length is only known to vLLM, which says it one of two ways.
+            if exc.parameter == "input_tokens" and isinstance(exc.value, int):
+                raise PromptTooLongError(exc.value, limit) from exc
+            too_long = _TOO_LONG.search(str(exc))
+            if too_long is None:
+                raise
+            raise PromptTooLongError(int(too_long[1]), int(too_long[2])) from exc
 
     @property
     def is_running(self) -> bool:

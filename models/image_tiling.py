@@ -24,18 +24,20 @@ _ACCEPTED = "images must be JPEG, PNG, WEBP, GIF or BMP"
 MAX_PIXELS = 16_000_000  # far above what tiling uses (at most 12 tiles of 448²)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes into an RGB PIL image (GIF: first frame)."""
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image (GIF: first frame), at most `max_pixels` pixels."""
     if not data:
         raise InvalidImageError(f"image is empty (0 bytes); {_ACCEPTED}")
     try:
         image = Image.open(io.BytesIO(bytes(data)), formats=list(ACCEPTED_FORMATS))
         # Refuse decompression bombs from the header, before decoding: a few kB can expand to GBs.
-        if image.width * image.height > MAX_PIXELS:
+        if image.width * image.height > max_pixels:
             raise InvalidImageError(
-                f"image is {image.width}x{image.height}; at most {MAX_PIXELS // 1_000_000} megapixels are accepted"
+                f"image is {image.width}x{image.height}; at most {max_pixels / 1e6:.1f} megapixels are accepted"
             )
         image.load()  # force the full decode here so truncated data fails now, not later
+    except InvalidImageError:
+        raise
     except UnidentifiedImageError as exc:
         raise InvalidImageError(f"unrecognised or unsupported image format; {_ACCEPTED}") from exc
     except Image.DecompressionBombError as exc:

@@ -54,18 +54,27 @@ def inspect_checkpoint(spec: str) -> Report:
         report.lines.append(f"  {kind}: id {token_id} {shown!r} (expected {STATE_TOKEN_TEXT[config.layout][kind]!r})")
         if shown != STATE_TOKEN_TEXT[config.layout][kind]:
             report.problems.append(f"state token {kind} id {token_id} decodes to {shown!r}")
-    if not config.state_token_ids:
+    if ckpt.config_format == "text":
+        report.lines.append("  none: a plain text LLM; speech is heard through input transcription (an empty "
+                            "transcript is noise), images and video are dropped")
+    elif not config.state_token_ids:
         report.warnings.append("no state tokens: every user turn is answered (no noise gating)")
-    report.lines.append(
-        f"placeholder rows: image {config.image_token_index}, audio {config.audio_token_index} "
-        f"(tokenizer size {len(tokenizer)}, embedding rows {text.vocab_size})")
-    try:
-        config.validate_placeholders(len(tokenizer))
-    except ValueError as exc:
-        report.problems.append(str(exc))
+    if ckpt.config_format != "text":  # a plain text LLM takes no placeholders
+        report.lines.append(
+            f"placeholder rows: image {config.image_token_index}, audio {config.audio_token_index} "
+            f"(tokenizer size {len(tokenizer)}, embedding rows {text.vocab_size})")
+        try:
+            config.validate_placeholders(len(tokenizer))
+        except ValueError as exc:
+            report.problems.append(str(exc))
     check = check_tensors(ckpt)
     report.lines.append(f"tensors: {len(ckpt.tensor_shapes)} found, layout expects "
                         f"{len(ckpt.tensor_shapes) - len(check.unexpected) + len(check.missing)}")
     report.problems += check.describe()
     report.warnings += ckpt.warnings
+    from .vita_tts.offline import check_voice  # torch: imported only once the checkpoint opened
+
+    voice = check_voice(ckpt.path)  # its vita_tts_ckpt/ (inside or beside the checkpoint): VITA-1.5's own voice
+    report.lines += voice.lines
+    report.problems += voice.problems
     return report

@@ -33,6 +33,7 @@ text into turn boundaries, state tokens or placeholders.
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -137,6 +138,8 @@ class PromptBuilder:
     tokenizer: Tokenizer
     config: VitaConfig
     _cache: OrderedDict[str, tuple[int, ...]] = field(default_factory=OrderedDict, init=False, repr=False)
+    # The server builds long prompts in worker threads and short ones on the event loop: the cache is shared.
+    _cache_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.config.layout not in STATE_TOKEN_TEXT:
@@ -257,15 +260,17 @@ class PromptBuilder:
         text = "".join(s.text for s in chunk)
         if not self._untrusted_is_plain(chunk, text):
             return self._plain_untrusted_ids(chunk)
-        cached = self._cache.get(text)
-        if cached is not None:
-            self._cache.move_to_end(text)
-            return list(cached)
+        with self._cache_lock:
+            cached = self._cache.get(text)
+            if cached is not None:
+                self._cache.move_to_end(text)
+                return list(cached)
         ids = list(self.tokenizer.encode(text, add_special_tokens=True))
         if len(text) <= _CACHE_MAX_CHARS:
-            self._cache[text] = tuple(ids)
-            if len(self._cache) > _CACHE_ENTRIES:
-                self._cache.popitem(last=False)
+            with self._cache_lock:
+                self._cache[text] = tuple(ids)
+                if len(self._cache) > _CACHE_ENTRIES:
+                    self._cache.popitem(last=False)
         return ids
 
     def _untrusted_is_plain(self, chunk: list[_Text], text: str) -> bool:

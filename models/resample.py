@@ -63,7 +63,7 @@ def _check_rates(orig_rate: int, new_rate: int) -> None:
             raise ValueError(f"{name} must be a positive whole number of Hz; got {rate!r}")
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)  # a server sees a few rates; each odd one may cost MBs (server/limits.py bounds it)
 def sinc_kernel(orig_rate: int, new_rate: int) -> SincKernel:
     """The (cached, immutable) kernel for resampling orig_rate -> new_rate Hz. Do not modify its tensors."""
     import torch  # here, not at the top: importing models.audio_features (CLI, client) stays light

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -35,24 +35,30 @@ def decode_video_frames(
     fps: float = 1.0,
     min_frames: int = 4,
     max_frames: int = 16,
+    max_pixels: int | None = None,
+    transform: Callable[[Image.Image], Image.Image] | None = None,
 ) -> list[Image.Image]:
     """Decode a clip (bytes or a path) and return between min_frames and max_frames RGB frames.
 
     Short clips give min_frames with repeats (see `sample_frame_indices`); fewer come back only when
-    frames that the container announced cannot be decoded.
+    frames that the container announced cannot be decoded. `max_pixels` refuses a clip whose declared
+    frame size is larger, before any frame is decoded; `transform` is applied to each frame as it is
+    decoded (e.g. `square_frame`), so only one frame at the clip's own size is held at a time.
     """
     if not fps > 0 or not 1 <= min_frames <= max_frames:
         raise ValueError(
             f"need fps > 0 and 1 <= min_frames <= max_frames; got {fps}, {min_frames}, {max_frames}"
         )
     with _video_path(data_or_path) as path:
+        if max_pixels is not None:
+            _check_frame_size(path, max_pixels)
         total, container_fps = _count_frames(path)
         if total == 0:
             raise InvalidVideoError(f"video has no decodable frames; {_ACCEPTED}")
         wanted = sample_frame_indices(
             total, container_fps, fps=fps, min_frames=min_frames, max_frames=max_frames
         )
-        frames = _read_frames(path, wanted)
+        frames = _read_frames(path, wanted, transform)
     if not frames:
         raise InvalidVideoError(f"video frames could not be decoded; {_ACCEPTED}")
     return frames
@@ -138,7 +144,21 @@ def _count_frames(path: str) -> tuple[int, float]:
     return total, container_fps
 
 
-def _read_frames(path: str, indices: Sequence[int]) -> list[Image.Image]:
+def _check_frame_size(path: str, max_pixels: int) -> None:
+    cap = _open(path)
+    try:
+        width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+    finally:
+        cap.release()
+    if width * height > max_pixels:
+        raise InvalidVideoError(
+            f"video frames are {width}x{height}; at most {max_pixels / 1e6:.1f} megapixels per frame are accepted"
+        )
+
+
+def _read_frames(
+    path: str, indices: Sequence[int], transform: Callable[[Image.Image], Image.Image] | None = None
+) -> list[Image.Image]:
     """The frames at `indices` (ascending, repeats allowed) as RGB PIL images, each decoded once;
     an index past what actually decodes is skipped."""
     wanted = set(indices)
@@ -152,7 +172,8 @@ def _read_frames(path: str, indices: Sequence[int]) -> list[Image.Image]:
             if index in wanted:
                 ok, bgr = cap.retrieve()
                 if ok and bgr is not None:
-                    decoded[index] = Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                    frame = Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                    decoded[index] = transform(frame) if transform is not None else frame
     finally:
         cap.release()
     return [decoded[i] for i in indices if i in decoded]

@@ -10,6 +10,10 @@ dropped from the reply and reported as `vita.state`. With `modalities: ["text", 
 spoken by the server's TTS (24 kHz): one WAV/PCM16 clip in `message.audio`, or PCM16 `delta.audio` chunks
 sentence by sentence when streaming (always PCM16 there, as OpenAI streams it). The text is in `content` too, so text-only clients keep working.
 
+A model that cannot hear (no trained audio tower: the embedded demo, a plain text LLM) gets each audio part
+as its transcript; one that cannot see gets no images or video, and the response says so in
+`vita.notice` (the status stays 200). An answer with no visible text is logged as a warning.
+
 Every request holds an admission slot until its engine request is finished or aborted, including when the
 client goes away mid-stream.
 """
@@ -20,6 +24,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -37,12 +42,15 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sse_starlette import EventSourceResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from duplex.sentences import SentenceChunker
+from duplex.transcription import NoTranscription, Transcriber, TranscriptionError
 from duplex.tts import TextOnlyTTS, TextToSpeech, float_to_pcm16, resample
+from models.config import hears, sees
 from models.engine import Delta, EngineInput, Sampling, VitaEngine
-from models.errors import InvalidMediaError
+from models.errors import EngineUnavailableError, InvalidMediaError, PromptTooLongError
 from models.inputs import user_input
 from models.prompts import Modality, Turn
 from models.state_tokens import (
@@ -53,7 +61,17 @@ from models.state_tokens import (
     reply_token_budget,
 )
 
-from .media import FetchPolicy, MediaURLRefusedError, decode_input_audio, load_image, load_video_frames
+from . import limits
+from .media import (
+    DEFAULT_GEOMETRY,
+    FetchPolicy,
+    MediaURLRefusedError,
+    Offload,
+    VisionGeometry,
+    decode_input_audio,
+    load_image,
+    load_video_frames,
+)
 
 if TYPE_CHECKING:
     from .settings import ServerSettings
@@ -197,7 +215,7 @@ def _validation_error(exc: ValidationError) -> RequestError:
 # --- reading and checking a request ----------------------------------------------------------------------
 
 
-async def _read_request(request: Request) -> ChatRequest:
+async def _read_request(request: Request, run: Offload = asyncio.to_thread) -> ChatRequest:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise RequestError(
@@ -210,6 +228,11 @@ async def _read_request(request: Request) -> ChatRequest:
             raise RequestError(
                 413, f"request body is over the {MAX_BODY_BYTES >> 20} MiB limit", "request_too_large"
             )
+    # Parsing MBs of JSON (a media data URL) takes a while: off the event loop then.
+    return await run(_parse_request, body) if len(body) > limits.OFFLOAD_EVENT_BYTES else _parse_request(body)
+
+
+def _parse_request(body: bytes | bytearray) -> ChatRequest:
     try:
         data = json.loads(body)
         json.dumps(data, ensure_ascii=False).encode()  # lone surrogates are JSON but not text
@@ -225,7 +248,21 @@ async def _read_request(request: Request) -> ChatRequest:
     return req
 
 
+def _text_chars(req: ChatRequest) -> int:
+    """Characters of typed text in all messages (what tokenization costs)."""
+    total = 0
+    for message in req.messages:
+        if isinstance(message.content, str):
+            total += len(message.content)
+        elif message.content is not None:
+            total += sum(len(part.text) for part in message.content if isinstance(part, TextPart))
+    return total
+
+
 def _check(req: ChatRequest) -> None:
+    problem = limits.text_problem(_text_chars(req), "the messages' text")
+    if problem is not None:  # refused before it is tokenized (OpenAI's code for a string over its limit)
+        raise RequestError(400, problem, "string_above_max_length", "messages")
     if req.n not in (None, 1):
         raise RequestError(
             400, f"n must be 1 (VITA returns one choice per request); got {req.n}", "invalid_value", "n"
@@ -281,9 +318,13 @@ def _plain_text(message: Message, index: int) -> str:
 
 
 async def _add_user_message(
-    turn: _UserTurn, message: Message, index: int, settings: ServerSettings, *, with_vision: bool
+    turn: _UserTurn, message: Message, index: int, settings: ServerSettings, *, with_vision: bool,
+    run: Offload = asyncio.to_thread, geometry: VisionGeometry = DEFAULT_GEOMETRY,
+    hear: Callable[[np.ndarray], Awaitable[str]] | None = None,
 ) -> None:
-    """Decode one user message into `turn`. Vision is skipped (not even fetched) unless `with_vision`."""
+    """Decode one user message into `turn`. Vision is skipped (not even fetched) unless `with_vision`.
+    Decoding runs through `run` (the server's bounded executor), never on the event loop. With `hear`
+    (a model that cannot hear), each audio part becomes its transcript, after the text before it."""
     if isinstance(message.content, str) or message.content is None:
         turn.texts.append(message.content or "")
         return
@@ -294,25 +335,38 @@ async def _add_user_message(
             if isinstance(part, TextPart):
                 turn.texts.append(part.text)
             elif isinstance(part, AudioPart):
-                clip = await asyncio.to_thread(
+                clip = await run(
                     decode_input_audio,
                     part.input_audio.data,
                     part.input_audio.format,
                     settings.max_buffered_audio_s,
                 )
-                turn.audios.append(clip)
+                if hear is None:
+                    turn.audios.append(clip)
+                else:
+                    turn.texts.append(await hear(clip))
             elif isinstance(part, ImagePart) and with_vision:
-                turn.images.append(await load_image(part.image_url.url, policy))
+                turn.images.append(await load_image(part.image_url.url, policy, geometry, run))
             elif isinstance(part, VideoPart) and with_vision:
                 if turn.frames:
                     raise InvalidMediaError("one video per turn is accepted")
-                turn.frames.extend(await load_video_frames(part.video_url.url, policy))
+                turn.frames.extend(await load_video_frames(part.video_url.url, policy, geometry.image_size, run))
         except ValueError as exc:  # InvalidMediaError and its subclasses included
             raise _media_error(exc, param) from None
 
 
-async def build_prompt(req: ChatRequest, engine: VitaEngine, settings: ServerSettings) -> EngineInput:
-    """Messages → one VITA prompt. Consecutive messages of one role merge into one turn."""
+async def build_prompt(
+    req: ChatRequest, engine: VitaEngine, settings: ServerSettings, run: Offload = asyncio.to_thread,
+    transcriber: Transcriber | None = None,
+) -> EngineInput:
+    """Messages → one VITA prompt. Consecutive messages of one role merge into one turn. Media decoding and
+    the tokenization of a long prompt run through `run` (the server's bounded executor).
+
+    A model that cannot hear (no trained audio tower) gets each audio part as its transcript (`transcriber`);
+    one that cannot see gets no images or video (`vision_notice` says so in the response)."""
+    decode: dict[str, Any] = {"run": run, "geometry": VisionGeometry.of(engine.config)}
+    if not hears(engine.config):
+        decode["hear"] = functools.partial(_transcript, transcriber or NoTranscription())
     system_texts: list[str] = []
     blocks: list[tuple[str, list[int]]] = []  # (role, message indices)
     for i, message in enumerate(req.messages):
@@ -336,34 +390,66 @@ async def build_prompt(req: ChatRequest, engine: VitaEngine, settings: ServerSet
             continue
         past = _UserTurn()
         for i in indices:  # VITA drops images and video from history: only text and audio come back
-            await _add_user_message(past, req.messages[i], i, settings, with_vision=False)
+            await _add_user_message(past, req.messages[i], i, settings, with_vision=False, **decode)
         history.append(Turn("user", text="\n".join(t for t in past.texts if t), audios=len(past.audios)))
         history_audios += past.audios
         last_user_had_audio = bool(past.audios)
 
     now = _UserTurn()
     for i in blocks[-1][1]:
-        await _add_user_message(now, req.messages[i], i, settings, with_vision=True)
+        await _add_user_message(now, req.messages[i], i, settings, with_vision=sees(engine.config), **decode)
     modality: Modality = (
         "video" if now.frames else "image" if now.images else "audio" if now.audios else "text"
     )
     system = "\n".join([engine.prompts.system_prompt(modality), *(s for s in system_texts if s.strip())])
+    render = functools.partial(
+        user_input,
+        engine.prompts,
+        text="\n".join(t for t in now.texts if t),
+        images=now.images,
+        audios=now.audios,
+        video_frames=now.frames,
+        history=history,
+        system=system,
+    )
     try:
-        prompt = user_input(
-            engine.prompts,
-            text="\n".join(t for t in now.texts if t),
-            images=now.images,
-            audios=now.audios,
-            video_frames=now.frames,
-            history=history,
-            system=system,
-        )
+        # Tokenizing a long prompt takes a while: keep the event loop serving others meanwhile.
+        prompt = await run(render) if _text_chars(req) > limits.OFFLOAD_TEXT_CHARS else render()
     except ValueError as exc:
         raise RequestError(
             400, f"messages[{blocks[-1][1][-1]}]: {exc}", "invalid_value", "messages"
         ) from None
     # Audio items follow placeholder order: earlier turns' clips come first.
     return dataclasses.replace(prompt, audios=[*history_audios, *prompt.audios])
+
+
+async def _transcript(transcriber: Transcriber, clip: np.ndarray) -> str:
+    """What was said in an audio part, for a model that hears through transcripts."""
+    try:
+        return (await transcriber.transcribe(clip)).text
+    except TranscriptionError as exc:
+        raise RequestError(503, f"this model hears audio through input transcription, which failed: {exc}",
+                           "transcription_failed") from None
+
+
+def vision_notice(req: ChatRequest, engine: VitaEngine) -> str | None:
+    """The note for a response whose model cannot see (untrained vision tower) while the last user turn had
+    images or video: they were left out, and the text was answered (never an empty answer to noise)."""
+    if sees(engine.config):
+        return None
+    kinds: list[str] = []
+    for message in reversed(req.messages):
+        if message.role != "user":
+            break
+        if isinstance(message.content, list):
+            kinds += [p.type for p in message.content if isinstance(p, ImagePart | VideoPart)]
+    if not kinds:
+        return None
+    images, videos = kinds.count("image_url"), kinds.count("video_url")
+    left_out = " and ".join(f"{n} {what}{'s' if n > 1 else ''}" for n, what in ((images, "image"), (videos, "video"))
+                            if n)
+    return (f"This model cannot see (its vision tower is not trained): {left_out} left out; "
+            "the answer is to the rest of the message.")
 
 
 # --- generation ------------------------------------------------------------------------------------------
@@ -382,6 +468,7 @@ class _Generation:
         self.sampling = sampling
         self.request_id = request_id
         self.state = "unknown"
+        self.notice: str | None = None  # said in the response's `vita` (e.g. images the model cannot see)
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self._stream: AsyncIterator[Delta] | None = None
@@ -400,6 +487,8 @@ class _Generation:
         self._stream = self.engine.generate(self.prompt, self.request_id, self.sampling)
         try:
             self._first = await anext(self._stream, None)
+        except PromptTooLongError as exc:
+            raise RequestError(400, f"messages: {exc}", exc.code, "messages") from None
         except Exception as exc:
             if not _is_client_error(exc):
                 raise
@@ -426,6 +515,9 @@ class _Generation:
         if rest:
             yield rest
         self.finish_reason = "length" if delta is not None and delta.finish_reason == "length" else "stop"
+        if not self._text.started:
+            log.warning("chat request %s: the answer has no visible text (%d tokens, finish %s)", self.request_id,
+                        self.completion_tokens, self.finish_reason)
 
     def _state_off_first(self) -> None:
         """Classify by the first token's id and drop that token, so the first chunk can carry the state."""
@@ -469,11 +561,21 @@ def _is_client_error(exc: Exception) -> bool:
 
 
 def _pick_engine(engines: list[VitaEngine]) -> VitaEngine:
+    """The least busy of the engines that serve (while one restarts, the others take its requests)."""
     return min(engines, key=lambda e: e.num_unfinished())
 
 
+def _engine_lost(exc: BaseException) -> bool:
+    """The request's engine died (possibly reported through a task group's ExceptionGroup)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_engine_lost(e) for e in exc.exceptions)
+    return isinstance(exc, EngineUnavailableError)
+
+
 def _sampling(req: ChatRequest, settings: ServerSettings, engine: VitaEngine) -> Sampling:
-    wanted = req.max_completion_tokens or req.max_tokens or settings.max_tokens
+    # The server's max_tokens is the ceiling, as for realtime: one request must not hold an engine as
+    # long as it likes (max_tokens=1e9 would stream until the context is full).
+    wanted = min(req.max_completion_tokens or req.max_tokens or settings.max_tokens, settings.max_tokens)
     return Sampling(
         max_tokens=reply_token_budget(wanted, engine.state_tokens),  # the state token comes on top
         temperature=settings.temperature if req.temperature is None else req.temperature,
@@ -541,7 +643,8 @@ def _usage(gen: _Generation) -> dict[str, int]:
 
 
 def _vita(gen: _Generation, warning: str | None) -> dict[str, str]:
-    return {"state": gen.state, **({"warning": warning} if warning else {})}
+    return {"state": gen.state, **({"warning": warning} if warning else {}),
+            **({"notice": gen.notice} if gen.notice else {})}
 
 
 async def _text_unless_disconnected(request: Request, gen: _Generation) -> str | None:
@@ -626,7 +729,7 @@ async def _stream(
                 yield chunk({"audio": {"id": speech.id, "data": data}})
 
     try:
-        yield chunk({"role": "assistant", "content": ""}, vita={"state": gen.state})
+        yield chunk({"role": "assistant", "content": ""}, vita=_vita(gen, None))
         async for piece in gen.text():
             delta: dict[str, Any] = {"content": piece}
             if speech is not None:
@@ -644,11 +747,16 @@ async def _stream(
         if include_usage:
             yield _event({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(gen)})
     except Exception as exc:  # headers are sent: report in-band, as OpenAI and vLLM do
-        log.exception("chat stream %s failed", gen.request_id)
+        lost = _engine_lost(exc)
+        if lost:
+            log.warning("chat stream %s lost with its engine: %s", gen.request_id, exc)
+        else:
+            log.exception("chat stream %s failed", gen.request_id)
         error = {
-            "message": f"generation failed: {type(exc).__name__}",
+            "message": "the engine serving this request stopped; retry" if lost
+            else f"generation failed: {type(exc).__name__}",
             "type": "server_error",
-            "code": "engine_error",
+            "code": "engine_unavailable" if lost else "engine_error",
         }
         yield _event({"error": {**error, "param": None}})
     finally:
@@ -702,10 +810,13 @@ async def chat_completions(request: Request) -> Response:
     started = time.monotonic()
     state.metrics.requests.labels(endpoint="chat_completions").inc()
     try:
-        req = await _read_request(request)
+        req = await _read_request(request, state.offload)
     except RequestError as exc:
         return _fail(state, exc)
-    if not state.pool.ready or not state.pool.engines:
+    except ClientDisconnect:  # gone before its body was in: nobody to answer, nothing to trace
+        log.debug("chat client disconnected while sending its request body")
+        return Response(status_code=499)
+    if not state.pool.ready or not state.pool.serving_engines():
         detail = f" (startup failed: {state.startup_error})" if state.startup_error else "; retry shortly"
         return _fail(
             state,
@@ -726,10 +837,13 @@ async def chat_completions(request: Request) -> Response:
     gen: _Generation | None = None
     handed_off = False
     try:
-        engine = _pick_engine(state.pool.engines)
-        prompt = await build_prompt(req, engine, state.settings)
+        engine = _pick_engine(state.pool.serving_engines())
+        prompt = await build_prompt(req, engine, state.settings, state.offload, state.transcriber)
         request_id = "chatcmpl-" + uuid.uuid4().hex
         gen = _Generation(state, engine, prompt, _sampling(req, state.settings, engine), request_id)
+        gen.notice = vision_notice(req, engine)
+        if gen.notice:
+            log.info("chat request %s: %s", request_id, gen.notice)
         await gen.start(started)
         head = {
             "id": request_id,
@@ -750,7 +864,14 @@ async def chat_completions(request: Request) -> Response:
         return JSONResponse(body) if body is not None else Response(status_code=499)
     except RequestError as exc:
         return _fail(state, exc)
-    except Exception:
+    except Exception as exc:
+        if _engine_lost(exc):  # not the client's fault, and a retry is served by another engine or after restart
+            log.warning("chat request lost with its engine: %s", exc)
+            retry = state.pool.retry_after_s()
+            return _fail(state, RequestError(
+                503, f"the engine serving this request stopped; retry (in {retry} s)", "engine_unavailable",
+                headers={"Retry-After": str(retry)},
+            ))
         log.exception("chat completion failed")
         return _fail(
             state, RequestError(500, "internal error while generating; see the server log", "internal_error")

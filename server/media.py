@@ -13,25 +13,32 @@ Allow-list entries: "example.com" (that host), "*.example.com" (its subdomains),
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
 import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+import soundfile as sf
 from PIL import Image
 
-from models.audio_features import MIN_SAMPLES, SAMPLE_RATE, decode_audio, pcm16_to_float, to_mono_16k
+from models.audio_features import MIN_SAMPLES, SAMPLE_RATE, pcm16_to_float, to_mono_16k
 from models.errors import InvalidAudioError, InvalidImageError, InvalidMediaError, InvalidVideoError
-from models.image_tiling import as_image
-from models.inputs import video_file_frames
+from models.image_tiling import decode_image
+from models.video_frames import decode_video_frames, square_frame
 
+from . import limits
 from .wire import inline_data as wire_inline
 from .wire.inline_data import DataURL
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
+T = TypeVar("T")
+# Runs a blocking call off the event loop: AppState.offload (the bounded executor) in the server.
+Offload = Callable[..., Awaitable[Any]]
 
 IMAGE_TYPES = frozenset(
     {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp", "image/x-ms-bmp"}
@@ -120,7 +127,8 @@ def _is_public(address: str) -> bool:
 
 
 def _url_scheme(url: str) -> str:
-    return urllib.parse.urlsplit(url).scheme.lower()
+    # A scheme is short: never split a multi-MB data URL just to read it.
+    return urllib.parse.urlsplit(url[:64]).scheme.lower()
 
 
 async def fetch_remote(url: str, policy: FetchPolicy, *, max_bytes: int, timeout_s: float) -> bytes:
@@ -204,11 +212,13 @@ def _too_big(host: str, max_bytes: int) -> str:
 # --- per modality ------------------------------------------------------------------------------
 
 
-async def load_url_bytes(url: str, policy: FetchPolicy, *, kind: str, limits: tuple[int, float]) -> DataURL:
-    """The bytes behind an image/video URL: a data: URL, or an allowed http(s) URL. Nothing local."""
+async def load_url_bytes(url: str, policy: FetchPolicy, *, kind: str, limits: tuple[int, float],
+                         run: Offload = asyncio.to_thread) -> DataURL:
+    """The bytes behind an image/video URL: a data: URL (decoded through `run`: MBs of base64 take a while),
+    or an allowed http(s) URL. Nothing local."""
     scheme = _url_scheme(url)
     if scheme == "data":
-        parsed = parse_data_url(url, f"{kind} data URL")
+        parsed = await run(parse_data_url, url, f"{kind} data URL")
         if len(parsed.data) > limits[0]:
             raise InvalidMediaError(f"{kind} is larger than the {limits[0] >> 20} MiB limit")
         return parsed
@@ -219,46 +229,137 @@ async def load_url_bytes(url: str, policy: FetchPolicy, *, kind: str, limits: tu
     raise MediaURLRefusedError(f"{kind} URL scheme {scheme!r} is not supported; {_URLS_ACCEPTED}")
 
 
-async def load_image(url: str, policy: FetchPolicy) -> Image.Image:
-    media = await load_url_bytes(url, policy, kind="image", limits=IMAGE_LIMITS)
-    if media.mime and media.mime not in IMAGE_TYPES and media.mime != "application/octet-stream":
-        raise InvalidImageError(f"image data URL has type {media.mime!r}; {_IMAGES_ACCEPTED}")
+@dataclass(frozen=True)
+class VisionGeometry:
+    """What the vision tower sees of an image: `image_size`² tiles, `min_tiles`..`max_tiles` of them."""
+
+    image_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 12
+
+    @classmethod
+    def of(cls, config: Any) -> VisionGeometry:
+        """From a checkpoint's `VitaConfig` (VITA's own tiling where a config leaves it out)."""
+        return cls(config.vision_config.image_size, getattr(config, "min_dynamic_patch", cls.min_tiles),
+                   getattr(config, "max_dynamic_patch", cls.max_tiles))
+
+
+def check_image_mime(mime: str, what: str = "image data URL") -> None:
+    """A data URL's declared type must be an image type we decode (or say nothing / octet-stream)."""
+    if mime and mime not in IMAGE_TYPES and mime != "application/octet-stream":
+        raise InvalidImageError(f"{what} has type {mime!r}; {_IMAGES_ACCEPTED}")
+
+
+def image_at_model_size(data: bytes, geometry: VisionGeometry) -> Image.Image:
+    """Encoded bytes → RGB image no larger than the tile grid dynamic tiling resizes it to (the pixel count
+    checked from the header first). The tiles are what they would be from the upload; only the
+    thumbnail of a multi-tile image is made from the grid-sized image instead of the upload's pixels."""
+    image = decode_image(data, max_pixels=limits.MAX_IMAGE_PIXELS)
+    width, height = limits.tile_grid_size(image.width, image.height, image_size=geometry.image_size,
+                                          min_tiles=geometry.min_tiles, max_tiles=geometry.max_tiles)
+    if image.width * image.height > width * height:
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return image
+
+
+def frame_at_model_size(data: bytes, image_size: int) -> Image.Image:
+    """A camera frame → the one `image_size`² tile the model sees of it (VITA's short-side resize and centre
+    crop, exactly what the prompt would make of the upload), the pixel count checked from the header."""
+    return square_frame(decode_image(data, max_pixels=limits.MAX_FRAME_PIXELS), image_size)
+
+
+DEFAULT_GEOMETRY = VisionGeometry()  # VITA's: 448² tiles, 1 to 12 of them
+
+
+async def load_image(url: str, policy: FetchPolicy, geometry: VisionGeometry = DEFAULT_GEOMETRY,
+                     run: Offload = asyncio.to_thread) -> Image.Image:
+    media = await load_url_bytes(url, policy, kind="image", limits=IMAGE_LIMITS, run=run)
+    check_image_mime(media.mime)
     # Decoding a large image takes a while: keep the event loop serving others meanwhile.
-    return await asyncio.to_thread(as_image, media.data)
+    return await run(image_at_model_size, media.data, geometry)
 
 
-async def load_video_frames(url: str, policy: FetchPolicy) -> list[Image.Image]:
-    media = await load_url_bytes(url, policy, kind="video", limits=VIDEO_LIMITS)
+def video_frames_at_model_size(data: bytes, image_size: int) -> list[Image.Image]:
+    """VITA's offline frame sampling; each frame cut to its one tile as it is decoded, so at most one frame
+    at the clip's own resolution is held at a time."""
+    return decode_video_frames(data, fps=1.0, min_frames=4, max_frames=16, max_pixels=limits.MAX_FRAME_PIXELS,
+                               transform=lambda frame: square_frame(frame, image_size))
+
+
+async def load_video_frames(url: str, policy: FetchPolicy, image_size: int = 448,
+                            run: Offload = asyncio.to_thread) -> list[Image.Image]:
+    media = await load_url_bytes(url, policy, kind="video", limits=VIDEO_LIMITS, run=run)
     if media.mime and not media.mime.startswith("video/") and media.mime != "application/octet-stream":
         raise InvalidVideoError(f"video data URL has type {media.mime!r}; {_VIDEOS_ACCEPTED}")
     if not media.data:
         raise InvalidVideoError(f"video is empty (0 bytes); {_VIDEOS_ACCEPTED}")
-    # Always bytes, never a str: video_file_frames would read a str as a local path.
-    return await asyncio.to_thread(video_file_frames, bytes(media.data))
+    # Always bytes, never a str: the decoder would read a str as a local path.
+    return await run(video_frames_at_model_size, bytes(media.data), image_size)
 
 
-def decode_input_audio(data: str, fmt: str, max_seconds: float | None = None) -> np.ndarray:
+class _UndecodableAudio(InvalidAudioError):
+    """Not audio we can read (as opposed to audio refused for a limit)."""
+
+
+_BLOCK_FRAMES = 1 << 16  # frames decoded at a time: 64 Ki x 64 channels x 4 B = 16 MiB at most
+
+
+def decode_clip(raw: bytes, max_seconds: float, what: str = "audio") -> np.ndarray:
+    """WAV/FLAC/OGG/MP3 bytes → 16 kHz mono float32, refusing from the header, before anything is decoded,
+    a rate, channel count or length the server does not take (server/limits.py). Decoding goes block by
+    block keeping the first channel (as VITA does) and stops past `max_seconds` whatever the header said."""
+    if not raw:
+        raise _UndecodableAudio(f"{what} is empty (0 bytes)")
+    try:
+        with sf.SoundFile(io.BytesIO(raw)) as f:
+            rate, channels, frames = int(f.samplerate), int(f.channels), int(f.frames)
+            problem = limits.audio_rate_problem(rate)
+            if problem is None and not 1 <= channels <= limits.MAX_AUDIO_CHANNELS:
+                problem = f"{what} has {channels} channels; at most {limits.MAX_AUDIO_CHANNELS} are accepted"
+            if problem is None and frames > 0:
+                problem = limits.audio_duration_problem(frames, rate, max_seconds, what)
+            if problem is not None:
+                raise InvalidAudioError(problem)
+            cap = int(max_seconds * rate)
+            blocks: list[np.ndarray] = []
+            got = 0
+            while got <= cap:
+                block = f.read(frames=min(_BLOCK_FRAMES, cap + 1 - got), dtype="float32", always_2d=True)
+                if not len(block):
+                    break
+                blocks.append(np.ascontiguousarray(block[:, 0]))
+                got += len(block)
+            if got > cap:
+                raise InvalidAudioError(f"{what} is longer than {max_seconds:g} s; at most {max_seconds:g} s is accepted")
+    except InvalidAudioError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise _UndecodableAudio(f"{what} could not be decoded: {exc}") from None
+    mono = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+    return to_mono_16k(mono, rate)
+
+
+def decode_input_audio(data: str, fmt: str, max_seconds: float = 60.0) -> np.ndarray:
     """An `input_audio` part → 16 kHz mono float32. pcm16 is raw 16 kHz mono little-endian samples."""
     fmt = (fmt or "").strip().lower()
     if fmt not in AUDIO_FORMATS:
         raise InvalidAudioError(f"{_AUDIO_ACCEPTED}; got format {fmt!r}")
     raw = decode_base64(data, "input_audio.data")
     if fmt == "pcm16":
+        problem = limits.audio_duration_problem(len(raw) // 2, SAMPLE_RATE, max_seconds, "input_audio")
+        if problem is not None:
+            raise InvalidAudioError(problem)
         clip = to_mono_16k(pcm16_to_float(raw), SAMPLE_RATE)
     else:
         try:
-            clip = to_mono_16k(*decode_audio(raw))
-        except InvalidAudioError as exc:
-            raise InvalidAudioError(
-                f"input_audio ({fmt}) could not be decoded: {exc}; {_AUDIO_ACCEPTED}"
-            ) from None
+            clip = decode_clip(raw, max_seconds, f"input_audio ({fmt})")
+        except _UndecodableAudio as exc:
+            raise InvalidAudioError(f"{exc}; {_AUDIO_ACCEPTED}") from None
     if len(clip) < MIN_SAMPLES:
         raise InvalidAudioError(
             f"input_audio is {1000 * len(clip) / SAMPLE_RATE:.0f} ms long; at least {1000 * MIN_SAMPLES // SAMPLE_RATE} ms "
             "is needed for one audio token"
         )
-    if max_seconds is not None and len(clip) > max_seconds * SAMPLE_RATE:
-        raise InvalidAudioError(
-            f"input_audio is {len(clip) / SAMPLE_RATE:.1f} s long; at most {max_seconds:g} s is accepted"
-        )
+    if len(clip) > max_seconds * SAMPLE_RATE:  # resampling rounds up: a clip at the limit may gain a sample
+        clip = clip[: int(max_seconds * SAMPLE_RATE)]
     return clip

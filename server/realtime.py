@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,17 +31,21 @@ from duplex.events import (
     InputImage,
     InputText,
     ResponseRequested,
+    SegmentClassified,
     SessionUpdated,
     UserItem,
 )
 from duplex.runtime import DuplexSession, RuntimeSettings, state_tokens_for
 from duplex.tts import TextOnlyTTS
+from models.config import hears
 from models.engine import Sampling
 from models.errors import InvalidImageError
-from models.image_tiling import decode_image
 
+from . import limits
 from .auth import bearer_token, key_matches, origin_allowed, subprotocol_key
+from .limits import MAX_INSTRUCTIONS_CHARS
 from .logs import session_id_var
+from .media import VisionGeometry, check_image_mime, frame_at_model_size, image_at_model_size
 from .realtime_config import RealtimeConfig
 from .realtime_conversation import OUTPUT_RATE, Conversation, new_item_id
 from .resampling import StreamResampler
@@ -58,7 +65,9 @@ from .wire.client_events import (
     ResponseCreate,
     SessionUpdate,
     TextAppend,
+    Transcription,
     TurnDetection,
+    parse_audio_append,
     parse_client_event,
 )
 from .wire.errors import ErrorCode, ProtocolError, realtime_error
@@ -70,9 +79,10 @@ from .wire.vita_events import VitaEvent
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-# Instructions go into every prompt: tokenized each turn and held in the KV cache. 32k characters is far
-# past any real system prompt and still bounds what one client can make every turn cost.
-MAX_INSTRUCTIONS_CHARS = 32_768
+# At capacity, a new session waits this long for a slot before 1013: a client that closes and reconnects at
+# once (its old socket's end still on its way through the server) is not refused below capacity. Short: a
+# refused client is told soon, and the wait holds nothing but its socket.
+ADMISSION_GRACE_S = 1.0
 
 
 @router.websocket("/v1/realtime")
@@ -97,19 +107,31 @@ async def realtime(ws: WebSocket) -> None:
     if state.shutting_down:
         await ws.close(code=1001, reason="server shutting down")
         return
-    if not state.try_admit():
+    if not await state.admit(ADMISSION_GRACE_S):
         await ws.close(code=1013, reason=f"server at capacity ({settings.max_sessions} sessions)")
         return
     state.metrics.sessions.inc()
-    connection = RealtimeConnection(ws, state, vita_events=_flag(ws.query_params.get("vita_events"),
-                                                                 default=settings.vita_events))
-    state.connections.add(connection)
+    released = False
+
+    def release() -> None:
+        """Once: when the session is over (before any close handshake, which a client may drag out), so a
+        client that reconnects at once finds its slot free."""
+        nonlocal released
+        if not released:
+            released = True
+            state.metrics.sessions.dec()
+            state.release()
+
+    connection: RealtimeConnection | None = None
     try:
+        connection = RealtimeConnection(ws, state, vita_events=_flag(ws.query_params.get("vita_events"),
+                                                                     default=settings.vita_events), on_end=release)
+        state.connections.add(connection)
         await connection.run()
     finally:
         state.connections.discard(connection)
-        state.metrics.sessions.dec()
-        state.release()
+        release()
+
 
 
 @dataclass
@@ -124,6 +146,7 @@ class RealtimeConnection:
     state: AppState
     vita_events: bool = True  # False: no vita.* server events (strict GA clients treat them as errors)
     session_id: str = field(default_factory=lambda: "sess_" + uuid.uuid4().hex[:20])
+    on_end: Callable[[], None] = lambda: None  # the session is over (its slot is freed here)
 
     def __post_init__(self) -> None:
         s = self.state.settings
@@ -154,7 +177,7 @@ class RealtimeConnection:
         self._closing: _Closing | None = None
         self._close_task: asyncio.Future[None] | None = None
         self._finished = asyncio.Event()
-        engines = self.state.pool.engines
+        engines = self.state.pool.routes  # while an engine restarts, the others serve its role
         runtime = RuntimeSettings(
             controller=ControllerSettings(
                 engines=min(2, len(engines)),
@@ -169,8 +192,20 @@ class RealtimeConnection:
             echo=EchoGuardParams(enabled=s.echo_guard),
         )
         self.session = DuplexSession(
-            engines, self.tts_factory(), self.state.vad, runtime, session_id=self.session_id
+            engines, self.tts_factory(), self.state.vad, runtime, session_id=self.session_id,
+            run_blocking=self.state.offload,
+            transcriber=self.state.transcriber, transcription_language=s.transcription_language,
         )
+        self._transcribing: set[asyncio.Task[None]] = set()  # items' transcription events on their way
+        self.geometry = VisionGeometry.of(engines[0].prompts.config)
+        self.memory_budget = s.session_memory_mib << 20
+        # Issue 14's input-path optimisations, each switchable (settings.hot_path_off) for bench/load.py.
+        self._fast_append = "append" not in s.hot_path_off
+        self._idle_timer = "idle" not in s.hot_path_off
+        self._last_input = 0.0  # loop time of the last client event (the idle timer reads it)
+        self._bound_memory = "memcheck" not in s.hot_path_off
+        self._held_bound = 0  # >= what the session holds: the last exact figure plus the audio appended since
+        self._held_checked = -math.inf  # monotonic time of that exact figure
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -178,11 +213,15 @@ class RealtimeConnection:
         session_id_var.set(self.session_id)
         log.info("session opened")
         self._send(self.events.new(SessionCreatedEvent, type="session.created", session=self.config.ga_session()))
+        for code, message in self._hearing_notices():
+            self._send(self.conversation.notice(code, message))
         tasks = self._tasks = [
             asyncio.create_task(self._read(), name="read"),
             asyncio.create_task(self._translate(), name="translate"),
             asyncio.create_task(self._write(), name="write"),
         ]
+        if self._idle_timer:
+            tasks.append(asyncio.create_task(self._watch_idle(), name="idle"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -197,6 +236,8 @@ class RealtimeConnection:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.session.close()  # abort engine requests, stop TTS: nothing outlives the socket
+            self.manual_audio, self.manual_samples = [], 0  # the memory goes back now, not at the next full GC
+            self.on_end()
             if self._closing is not None:
                 log.info("closing session: %s", self._closing.reason)
                 # The close frame is queued at once; completing the close handshake needs a client that
@@ -255,17 +296,33 @@ class RealtimeConnection:
 
     # --- client → session -----------------------------------------------------------------------
 
+    async def _watch_idle(self) -> None:
+        """Close the session once no client event came for idle_timeout_s: one timer per session that re-arms
+        itself to the last event's time, instead of a timeout armed and cancelled around every receive (~9 us
+        of a 20 ms audio event's budget; bench/RESULTS.md, issue 14)."""
+        loop = asyncio.get_running_loop()
+        idle = self.state.settings.idle_timeout_s
+        self._last_input = loop.time()
+        while (left := self._last_input + idle - loop.time()) > 0:
+            await asyncio.sleep(left)
+        raise _Closing(1000, f"idle for {idle:.0f} s")
+
     async def _read(self) -> None:
         limit = self.state.settings.max_event_bytes
         idle = self.state.settings.idle_timeout_s
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the receive
-                # completes, and under a flood of input that is every time: close() would never end this task.
-                async with asyncio.timeout(idle):
-                    message = await self.ws.receive()
-            except TimeoutError:
-                raise _Closing(1000, f"idle for {idle:.0f} s") from None
+            if self._idle_timer:  # _watch_idle ends an idle session
+                message = await self.ws.receive()
+                self._last_input = loop.time()
+            else:
+                try:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the receive
+                    # completes, and under a flood of input that is every time: close() would never end this task.
+                    async with asyncio.timeout(idle):
+                        message = await self.ws.receive()
+                except TimeoutError:
+                    raise _Closing(1000, f"idle for {idle:.0f} s") from None
             if message["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(message.get("code", 1000))
             text = message.get("text")
@@ -277,7 +334,17 @@ class RealtimeConnection:
                 self._error(ErrorCode.EVENT_TOO_LARGE, f"event of {size} bytes exceeds the limit of {limit} bytes")
                 continue
             try:
-                self._handle(parse_client_event(text))
+                append = parse_audio_append(text) if self._fast_append and size <= limits.OFFLOAD_EVENT_BYTES \
+                    else None
+                if append is not None:  # the hot event (fifty a second per session), straight to its handler
+                    handled = self._on_append(append)
+                else:
+                    parsed = await self.state.offload(parse_client_event, text) if size > limits.OFFLOAD_EVENT_BYTES \
+                        else parse_client_event(text)
+                    handled = self._handle(parsed)
+                if handled is not None:  # heavy work off the event loop; this session's next event waits for it
+                    await handled
+                    self._last_input = loop.time()  # the session was busy, not idle
             except ProtocolError as exc:
                 self._refuse(exc)
             except ValueError as exc:
@@ -286,7 +353,7 @@ class RealtimeConnection:
                 log.warning("event refused past the parser", exc_info=exc)
                 self._error(ErrorCode.INVALID_VALUE, str(exc)[:500])
 
-    def _handle(self, event: Any) -> None:
+    def _handle(self, event: Any) -> Awaitable[None] | None:
         handler = {
             SessionUpdate: self._on_session_update,
             AudioAppend: self._on_append,
@@ -300,14 +367,61 @@ class RealtimeConnection:
             ResponseCreate: self._on_response_create,
             ResponseCancel: self._on_response_cancel,
             FrameAppend: self._on_frame,
-            TextAppend: lambda e: self.session.send_text(e.text),
+            TextAppend: self._on_text,
         }[type(event)]
-        handler(event)
+        return handler(event)  # type: ignore[no-any-return]
+
+    # --- bounds (server/limits.py) -----------------------------------------------------------------
+
+    def held_bytes(self) -> int:
+        """What this session holds of its client's input (the budget `session_memory_mib` bounds)."""
+        return self.session.held_bytes() + self.manual_samples * 4 + self.conversation.items.chars
+
+    def _check_audio_memory(self, more: int, event_id: str | None) -> None:
+        """`_check_memory` for an append (fifty a second): while an upper bound of what the session holds (the
+        exact figure at the last check plus every append since) stays under the budget it decides; the exact
+        figure is taken again once a second, and always before refusing, so the answers are the same."""
+        if self._bound_memory and self._held_bound + more <= self.memory_budget \
+                and time.monotonic() - self._held_checked < 1.0:
+            self._held_bound += more
+            return
+        self._check_memory(more, "this audio", "audio", event_id)
+
+    def _check_memory(self, more: int, what: str, param: str | None, event_id: str | None) -> None:
+        """Refuse an input that would take this session past its memory budget."""
+        held = self.held_bytes()
+        self._held_bound, self._held_checked = held + more, time.monotonic()
+        if held + more > self.memory_budget:
+            raise ProtocolError(
+                ErrorCode.SESSION_MEMORY_EXCEEDED,
+                f"{what} ({more / 2**20:.1f} MiB) would take this session to {(held + more) / 2**20:.1f} MiB; it may "
+                f"hold {self.memory_budget / 2**20:.0f} MiB of frames, audio, items and history. Commit or clear "
+                "the audio buffer, ask for a response, or wait for older frames to age out",
+                param, event_id)
+
+    def _wire_samples(self, raw: bytes, param: str, event_id: str | None) -> int:
+        """Samples in `raw` at the input format's rate, refusing (before decoding) more than one turn holds."""
+        fmt = self.config.input_format
+        count = len(raw) // 2 if fmt.encoding == "pcm16" else len(raw)
+        problem = limits.audio_duration_problem(count, fmt.rate, self.state.settings.max_buffered_audio_s,
+                                                "the audio of one event")
+        if problem is not None:
+            raise ProtocolError(ErrorCode.INVALID_AUDIO, f"{problem}; send audio in chunks", param, event_id)
+        return count
+
+    def _on_text(self, event: TextAppend) -> None:
+        _check_text(len(event.text), "text", "text", event.event_id)
+        self.session.send_text(event.text)
 
     def _on_session_update(self, event: SessionUpdate) -> None:
         cfg, config = event.session, self.config
         if cfg.instructions is not None:
             _check_instructions(cfg.instructions, "session.instructions", event.event_id)
+        voice = cfg.voice or (cfg.audio and cfg.audio.output and cfg.audio.output.voice)
+        if voice and len(voice) > limits.MAX_VOICE_CHARS:  # checked before anything of the update applies
+            raise ProtocolError(ErrorCode.STRING_ABOVE_MAX_LENGTH, f"voice is {len(voice)} characters; a voice is a "
+                                f"name of at most {limits.MAX_VOICE_CHARS}", "session.audio.output.voice",
+                                event.event_id)
         try:
             fmt_in = cfg.input_audio_format or (cfg.audio and cfg.audio.input and cfg.audio.input.format)
             fmt_out = cfg.output_audio_format or (cfg.audio and cfg.audio.output and cfg.audio.output.format)
@@ -349,24 +463,82 @@ class RealtimeConnection:
             ceiling = self.state.settings.max_tokens
             config.max_output_tokens = ceiling if budget == "inf" else min(budget, ceiling)
             self.session.set_max_tokens(config.max_output_tokens)
+        given, transcription = cfg.transcription_given()
+        if given:
+            self._set_transcription(transcription, event.event_id)
         self.session.feed(SessionUpdated(**update))
         self._send(self.events.new(SessionUpdatedEvent, type="session.updated", session=config.ga_session()))
 
-    def _on_append(self, event: AudioAppend) -> None:
+    def _set_transcription(self, wanted: Transcription | None, event_id: str | None) -> None:
+        """`audio.input.transcription`: on (the server's backend, with the session's language and prompt) or
+        off (null). `session.updated` reports the backend's model, as in effect."""
+        if wanted is None:
+            self.config.transcription = None
+            return
+        transcriber = self.state.transcriber
+        if not transcriber.enabled:
+            self.config.transcription = None
+            self._error(ErrorCode.TRANSCRIPTION_UNAVAILABLE, "this server has no input transcription "
+                        "(its transcription setting is none); transcription stays off",
+                        "session.audio.input.transcription", event_id)
+            return
+        language = wanted.language or self.state.settings.transcription_language
+        self.session.transcripts.language = language
+        self.session.transcripts.prompt = wanted.prompt
+        effect = {"model": str(getattr(transcriber, "model", transcriber.name))}
+        if language:
+            effect["language"] = language
+        if wanted.prompt:
+            effect["prompt"] = wanted.prompt
+        self.config.transcription = effect
+
+    def _on_append(self, event: AudioAppend) -> Awaitable[None] | None:
+        # A client's usual 20-100 ms chunks are handled here; seconds of audio at once go off the loop.
+        if len(event.audio) > limits.OFFLOAD_AUDIO_CHARS:
+            return self._append_offloaded(event)
+        raw = self._append_bytes(event)
+        self._check_append(raw, event)
+        self._take_audio(self._append_samples(raw, event), event)
+        return None
+
+    async def _append_offloaded(self, event: AudioAppend) -> None:
+        raw = await self.state.offload(self._append_bytes, event)
+        self._check_append(raw, event)
+        samples = await self.state.offload(self._append_samples, raw, event)
+        if self.config.turn_detection is not None:
+            await self.session.push_audio_offloaded(samples)  # the VAD scores it off the loop too
+            return
+        self._take_audio(samples, event)
+
+    def _append_bytes(self, event: AudioAppend) -> bytes:
         try:
-            raw = decode_base64(event.audio, "audio", allow_empty=True)
-            samples = self.to_16k(decode(raw, self.config.input_format))
-        except (InlineDataError, AudioFormatError) as exc:
+            return decode_base64(event.audio, "audio", allow_empty=True)
+        except InlineDataError as exc:
             raise ProtocolError(ErrorCode.INVALID_AUDIO, f"{exc}; expected base64 {self._fmt_text()}", "audio",
                                 event.event_id) from None
+
+    def _check_append(self, raw: bytes, event: AudioAppend) -> None:
+        """Bounds from the byte count, before anything is decoded or resampled."""
+        incoming = limits.model_samples(self._wire_samples(raw, "audio", event.event_id), self.config.input_format.rate)
+        if self.config.turn_detection is None:
+            limit = int(self.state.settings.max_buffered_audio_s * 16000)
+            if self.manual_samples + incoming > limit:
+                raise ProtocolError(ErrorCode.INPUT_AUDIO_BUFFER_FULL,
+                                    f"the input audio buffer holds at most {self.state.settings.max_buffered_audio_s:.0f}"
+                                    " s; commit or clear it", "audio", event.event_id)
+        self._check_audio_memory(incoming * 4, event.event_id)
+
+    def _append_samples(self, raw: bytes, event: AudioAppend) -> np.ndarray:
+        try:
+            return self.to_16k(decode(raw, self.config.input_format))
+        except AudioFormatError as exc:
+            raise ProtocolError(ErrorCode.INVALID_AUDIO, f"{exc}; expected base64 {self._fmt_text()}", "audio",
+                                event.event_id) from None
+
+    def _take_audio(self, samples: np.ndarray, event: AudioAppend) -> None:
         if self.config.turn_detection is not None:
             self.session.push_audio(samples)
             return
-        limit = int(self.state.settings.max_buffered_audio_s * 16000)
-        if self.manual_samples + len(samples) > limit:
-            raise ProtocolError(ErrorCode.INPUT_AUDIO_BUFFER_FULL,
-                                f"the input audio buffer holds at most {self.state.settings.max_buffered_audio_s:.0f}"
-                                " s; commit or clear it", "audio", event.event_id)
         self.manual_audio.append(samples)
         self.manual_samples += len(samples)
 
@@ -381,7 +553,9 @@ class RealtimeConnection:
                                 "the input audio buffer has less than 100 ms of audio", None, event.event_id)
         audio = np.concatenate(self.manual_audio)
         self.manual_audio, self.manual_samples = [], 0
-        self._send_all(self.conversation.audio_committed(new_item_id()))
+        item_id = new_item_id()
+        self._send_all(self.conversation.audio_committed(item_id))
+        self._transcribe(item_id, 0, audio)
         self.session.feed(UserItem((InputAudio(audio),)))
 
     def _on_clear(self, event: AudioClear) -> None:
@@ -390,7 +564,7 @@ class RealtimeConnection:
             self.session.set_vad_params(self.config.vad_params(self.state.settings))
         self._send(self.events.new(InputAudioBufferClearedEvent, type="input_audio_buffer.cleared"))
 
-    def _on_item_create(self, event: ItemCreate) -> None:
+    def _on_item_create(self, event: ItemCreate) -> Awaitable[None] | None:
         item = event.item
         if item.role == "system":
             if any(p.type not in ("input_text", "text") for p in item.content):
@@ -406,27 +580,67 @@ class RealtimeConnection:
         if item.role != "user":
             raise ProtocolError(ErrorCode.UNSUPPORTED_ITEM, "only user and system messages can be added; VITA's "
                                 "history keeps its own assistant turns", "item.role", event.event_id)
-        parts: list[InputText | InputAudio | InputImage] = []
-        echoed: list[UserPart] = []  # the item as the conversation shows it: media by kind, not by bytes
+        media = False
         for i, part in enumerate(item.content):
+            if part.type in ("input_text", "text") and part.text:
+                continue
+            if not ((part.type == "input_audio" and part.audio) or (part.type == "input_image" and part.image_url)):
+                raise ProtocolError(ErrorCode.INVALID_CONTENT, f"{part.type} part is missing its data",
+                                    f"item.content.{i}", event.event_id)
+            media = True
+        texts = sum(len(p.text) for p in item.content if p.type in ("input_text", "text") and p.text)
+        _check_text(texts, "the item's text", "item.content", event.event_id)
+        self._check_memory(texts, "this item's text", "item.content", event.event_id)
+        if media:  # decoded off the event loop; this session's next event waits for it
+            return self._add_user_item(event)
+        self._user_item_added(event, [InputText(p.text) for p in item.content if p.text])
+        return None
+
+    async def _add_user_item(self, event: ItemCreate) -> None:
+        parts: list[InputText | InputAudio | InputImage] = []
+        held = 0  # bytes this item will hold, against the session's budget
+        heard = 0  # 16 kHz samples of its audio: one turn's worth at most
+        for i, part in enumerate(event.item.content):
             param = f"item.content.{i}"
             if part.type in ("input_text", "text") and part.text:
                 parts.append(InputText(part.text))
-                echoed.append({"type": "input_text", "text": part.text})
             elif part.type == "input_audio" and part.audio:
-                try:
-                    samples = decode(decode_base64(part.audio, "audio"), self.config.input_format)
-                except (InlineDataError, AudioFormatError) as exc:
-                    raise ProtocolError(ErrorCode.INVALID_AUDIO, str(exc), param, event.event_id) from None
-                parts.append(InputAudio(self.to_16k_once(samples)))
-                echoed.append({"type": "input_audio", "transcript": None})
+                raw = await self.state.offload(_item_audio_bytes, part.audio, param, event.event_id)
+                heard += limits.model_samples(self._wire_samples(raw, param, event.event_id),
+                                              self.config.input_format.rate)
+                problem = limits.audio_duration_problem(heard, 16000, self.state.settings.max_buffered_audio_s,
+                                                        "the item's audio")
+                if problem is not None:
+                    raise ProtocolError(ErrorCode.INVALID_AUDIO, problem, param, event.event_id)
+                self._check_memory(held + heard * 4, "this item", param, event.event_id)
+                parts.append(InputAudio(await self.state.offload(self._item_audio, raw, param, event.event_id)))
             elif part.type == "input_image" and part.image_url:
-                parts.append(InputImage(self._decode_image(part.image_url, param, event.event_id)))
-                echoed.append({"type": "input_image"})
-            else:
-                raise ProtocolError(ErrorCode.INVALID_CONTENT, f"{part.type} part is missing its data", param,
-                                    event.event_id)
-        self._send_all(self.conversation.user_item(item.id or new_item_id(), echoed))
+                image = await self._decode_image(part.image_url, param, event.event_id, frame=False)
+                held += image.width * image.height * len(image.getbands())
+                self._check_memory(held + heard * 4, "this item", param, event.event_id)
+                parts.append(InputImage(image))
+        self._user_item_added(event, parts)
+
+    def _item_audio(self, raw: bytes, param: str, event_id: str | None) -> np.ndarray:
+        try:
+            return self.to_16k_once(decode(raw, self.config.input_format))
+        except AudioFormatError as exc:
+            raise ProtocolError(ErrorCode.INVALID_AUDIO, str(exc), param, event_id) from None
+
+    def _user_item_added(self, event: ItemCreate, parts: list[InputText | InputAudio | InputImage]) -> None:
+        # The item as the conversation shows it: media by kind, never their bytes (OpenAI's echoes carry no
+        # audio either), so an accepted item cannot fill a reading client's send buffer.
+        echoed: list[UserPart] = [
+            {"type": "input_text", "text": p.text} if isinstance(p, InputText)
+            else {"type": "input_audio", "transcript": None} if isinstance(p, InputAudio)
+            else {"type": "input_image"}
+            for p in parts
+        ]
+        item_id = event.item.id or new_item_id()
+        self._send_all(self.conversation.user_item(item_id, echoed))
+        for index, part in enumerate(parts):
+            if isinstance(part, InputAudio):
+                self._transcribe(item_id, index, part.audio)
         self.session.feed(UserItem(tuple(parts)))
 
     def to_16k_once(self, samples: np.ndarray) -> np.ndarray:
@@ -458,6 +672,8 @@ class RealtimeConnection:
                             "and send conversation.item.truncate (or response.cancel)", "type", event.event_id)
 
     def _on_response_create(self, event: ResponseCreate) -> None:
+        if event.response.instructions is not None:  # the same limit as session.update's
+            _check_instructions(event.response.instructions, "response.instructions", event.event_id)
         wanted = event.response.output_modalities or event.response.modalities
         if wanted:
             self.conversation.next_modalities = ["audio"] if "audio" in wanted else ["text"]
@@ -466,17 +682,21 @@ class RealtimeConnection:
     def _on_response_cancel(self, event: ResponseCancel) -> None:
         self.session.cancel_response(event.response_id)
 
-    def _on_frame(self, event: FrameAppend) -> None:
-        self.session.push_frame(self._decode_image(event.image, "image", event.event_id))
+    async def _on_frame(self, event: FrameAppend) -> None:
+        frame = await self._decode_image(event.image, "image", event.event_id, frame=True)
+        self._check_memory(frame.width * frame.height * len(frame.getbands()), "this frame", "image", event.event_id)
+        self.session.push_frame(frame)
 
-    def _decode_image(self, data: str, param: str, event_id: str | None) -> Image.Image:
+    async def _decode_image(self, data: str, param: str, event_id: str | None, *, frame: bool) -> Image.Image:
+        """Base64 or a data: URL → the image at model resolution (a camera frame: its one tile), decoded off
+        the event loop with its pixel count checked from the header first."""
         if data.startswith(("http://", "https://", "file:")):  # (bare base64 JPEG starts with "/9j/")
             raise ProtocolError(ErrorCode.INVALID_IMAGE, "send images inline as base64 or a data: URL; remote "
                                 "URLs and file paths are not fetched", param, event_id)
-        try:
-            return decode_image(decode_inline(data, "image").data)
-        except (InlineDataError, InvalidImageError) as exc:
-            raise ProtocolError(ErrorCode.INVALID_IMAGE, str(exc), param, event_id) from None
+        size = self.geometry.image_size
+        return await self.state.offload(_decode_image_blocking, data, param, event_id,
+                                        lambda raw: frame_at_model_size(raw, size) if frame
+                                        else image_at_model_size(raw, self.geometry))
 
     # --- session → client -----------------------------------------------------------------------
 
@@ -484,6 +704,44 @@ class RealtimeConnection:
         while True:
             action = await self.session.outbound.get()
             self._send_all(self.conversation.events_for(action))
+            if isinstance(action, SegmentClassified) and action.audio and not action.ignored:
+                self._transcribe(self.conversation.segment_item(action.segment_id), 0, action.audio[0])
+            # One action per loop turn: a verdict brings a dozen actions at once (~1-2 ms of event encoding
+            # each), and the tasks it woke must not wait for all of them (a barge-in's TTS abort: ≤ 20 ms).
+            await asyncio.sleep(0)
+
+    # --- input transcription --------------------------------------------------------------------
+
+    def _transcribe(self, item_id: str, content_index: int, audio: Any) -> None:
+        """GA's transcription events for a committed user audio item, when the session turned them on. The
+        transcription itself (shared with a model that hears through it) runs off the event loop, in the
+        transcriber's worker processes or HTTP calls, and never holds up the answer."""
+        if self.config.transcription is None:
+            return
+
+        async def follow() -> None:
+            async for event in self.session.transcripts.of(audio).follow():
+                self._send_all(self.conversation.transcription(item_id, content_index, event))
+
+        task = asyncio.ensure_future(follow())
+        self._transcribing.add(task)
+        task.add_done_callback(self._transcribing.discard)
+
+    def _hearing_notices(self) -> list[tuple[str, str]]:
+        """What a client should know at once about how this model takes speech (vita.notice)."""
+        if all(hears(engine.config) for engine in self.state.pool.engines):
+            return []
+        transcriber = self.state.transcriber
+        how = (f"{transcriber.name} transcription" if transcriber.enabled
+               else "transcription, which is off on this server (spoken turns are ignored)")
+        hearing = (f"This model has no trained audio tower: it answers the transcript of what you say ({how}). "
+                   "It cannot see: images and camera frames are left out.")
+        notices = [("hears_through_transcription", hearing)]
+        if not self.state.settings.models:
+            demo = (f"CPU demo: {self.state.pool.model_id} (SmolLM2-135M-Instruct) hears you through {how}; "
+                    "its answers are a small model's.")
+            notices.insert(0, ("demo_model", demo))
+        return notices
 
     def _fmt_text(self) -> str:
         f = self.config.input_format
@@ -502,3 +760,27 @@ def _check_instructions(text: str, param: str, event_id: str | None) -> None:
     if len(text) > MAX_INSTRUCTIONS_CHARS:
         raise ProtocolError(ErrorCode.INSTRUCTIONS_TOO_LONG, f"instructions would be {len(text)} characters; the "
                             f"limit is {MAX_INSTRUCTIONS_CHARS} (system items add to them)", param, event_id)
+
+
+def _check_text(chars: int, what: str, param: str, event_id: str | None) -> None:
+    problem = limits.text_problem(chars, what)
+    if problem is not None:
+        raise ProtocolError(ErrorCode.STRING_ABOVE_MAX_LENGTH, problem, param, event_id)
+
+
+def _item_audio_bytes(text: str, param: str, event_id: str | None) -> bytes:
+    try:
+        return decode_base64(text, "audio")
+    except InlineDataError as exc:
+        raise ProtocolError(ErrorCode.INVALID_AUDIO, str(exc), param, event_id) from None
+
+
+def _decode_image_blocking(data: str, param: str, event_id: str | None,
+                           to_model: Callable[[bytes], Image.Image]) -> Image.Image:
+    """(In the executor.) The inline image's bytes, its declared type checked as chat checks it, decoded."""
+    try:
+        inline = decode_inline(data, "image")
+        check_image_mime(inline.mime, "image data URL")
+        return to_model(inline.data)
+    except (InlineDataError, InvalidImageError) as exc:
+        raise ProtocolError(ErrorCode.INVALID_IMAGE, str(exc), param, event_id) from None

@@ -38,6 +38,8 @@ class RealtimeConfig:
     output_format: AudioFormat = field(default_factory=AudioFormat)
     voice: str = "vita"
     instructions: str | None = None
+    # Input transcription as in effect (GA `audio.input.transcription`): None is off (GA's default).
+    transcription: dict[str, str] | None = None
 
     def update_turn_detection(self, given: TurnDetection) -> TurnDetection:
         """Fields not given keep their value; a change of type starts from that type's defaults."""
@@ -76,7 +78,8 @@ class RealtimeConfig:
             output_modalities=list(self.output_modalities),
             max_output_tokens=self.max_output_tokens,
             audio={
-                "input": {"format": _ga_format(self.input_format), "turn_detection": self._ga_turn_detection()},
+                "input": {"format": _ga_format(self.input_format), "turn_detection": self._ga_turn_detection(),
+                          "transcription": dict(self.transcription) if self.transcription is not None else None},
                 "output": {"format": _ga_format(self.output_format), "voice": self.voice},
             },
         )

@@ -7,17 +7,21 @@ Sans-I/O like the controller: methods return events, the connection sends them.
 from __future__ import annotations
 
 import base64
+import logging
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from openai.types.realtime import (
     ConversationItem,
     ConversationItemAdded,
     ConversationItemDone,
+    ConversationItemInputAudioTranscriptionCompletedEvent,
+    ConversationItemInputAudioTranscriptionDeltaEvent,
+    ConversationItemInputAudioTranscriptionFailedEvent,
     ConversationItemTruncatedEvent,
     InputAudioBufferCommittedEvent,
     InputAudioBufferSpeechStartedEvent,
@@ -42,6 +46,7 @@ from duplex.events import (
     EmitAudio,
     EmitText,
     Error,
+    InputDropped,
     PauseOutput,
     ResponseDone,
     ResponseStarted,
@@ -50,21 +55,29 @@ from duplex.events import (
     RolesSwapped,
     SegmentClassified,
     SpeechStartedNotice,
+    SpeechStopped,
     SpeechStoppedNotice,
 )
+from duplex.transcription import Transcript, TranscriptDelta, TranscriptionEvent
 
+from .limits import MAX_TRACKED_IDS
 from .metrics import Metrics
 from .realtime_config import RealtimeConfig
 from .resampling import StreamResampler
 from .wire import items
 from .wire import vita_events as vita
 from .wire.audio_codec import encode
-from .wire.errors import realtime_error
+from .wire.errors import ErrorCode, realtime_error
 from .wire.server_events import ServerEvent, ServerEventEncoder
+
+log = logging.getLogger(__name__)
 
 OUTPUT_RATE = 24000  # the session runtime's output rate; converted to the wire format here
 # 16 kHz samples per millisecond: the session's sample positions → the wire's milliseconds.
 SAMPLES_PER_MS = 16
+
+
+V = TypeVar("V")
 
 
 def new_item_id() -> str:
@@ -78,6 +91,20 @@ class _Response:
     audio: bool  # output modality: audio (+ transcript) or text
     text: str = ""
     first_delta_at: float | None = None
+    request_id: str | None = None
+
+
+class _Recent(OrderedDict[str, V]):
+    """A dict of its newest `limit` entries: adding one past that forgets the oldest."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: str, value: V) -> None:
+        super().__setitem__(key, value)
+        while len(self) > self.limit:
+            self.popitem(last=False)
 
 
 class ItemLog:
@@ -99,6 +126,11 @@ class ItemLog:
         while len(self._items) > 1 and (len(self._items) > self.max_items or self._chars > self.max_chars):
             self._chars -= self._items.popitem(last=False)[1][1]
 
+    @property
+    def chars(self) -> int:
+        """Characters of text the log holds."""
+        return self._chars
+
     def get(self, item_id: str) -> ConversationItem | None:
         entry = self._items.get(item_id)
         return entry[0] if entry else None
@@ -111,9 +143,10 @@ class Conversation:
         self.conversation_id = conversation_id
         self.items = ItemLog()
         self.next_modalities: list[str] | None = None  # response.create's output_modalities, for the next one
-        self._responses: dict[str, _Response] = {}
-        self._item_to_response: dict[str, str] = {}
-        self._segment_items: dict[str, str] = {}
+        # Recent ids only (MAX_TRACKED_IDS each): a session of thousands of turns forgets the oldest.
+        self._responses: _Recent[_Response] = _Recent(MAX_TRACKED_IDS)
+        self._item_to_response: _Recent[str] = _Recent(MAX_TRACKED_IDS)
+        self._segment_items: _Recent[str] = _Recent(MAX_TRACKED_IDS)
         self._last_item_id: str | None = None
         self._speech_started_at: float | None = None
         self._speech_stopped_at: float | None = None
@@ -192,6 +225,11 @@ class Conversation:
             return self._response_done(action)
         if isinstance(action, ResponseTruncated):
             return self._truncated(action)
+        if isinstance(action, InputDropped):
+            return [self._dropped(action)]
+        if isinstance(action, SpeechStopped):  # for /metrics only: no client event
+            self.metrics.speech_stop.observe(action.after_s)
+            return []
         if isinstance(action, RolesSwapped):
             return [self.events.new(vita.RolesSwapped, type="vita.roles.swapped", generator=action.generator,
                                     monitor=action.monitor)]
@@ -201,7 +239,51 @@ class Conversation:
         return []
 
     def _segment_item(self, segment_id: str) -> str:
-        return self._segment_items.setdefault(segment_id, new_item_id())
+        item_id = self._segment_items.get(segment_id)
+        if item_id is None:
+            item_id = self._segment_items[segment_id] = new_item_id()
+        return item_id
+
+    def segment_item(self, segment_id: str) -> str:
+        """The user item of a speech segment (its id is made when the segment is first reported)."""
+        return self._segment_item(segment_id)
+
+    # --- input transcription -----------------------------------------------------------------------
+
+    def transcription(self, item_id: str, content_index: int, event: TranscriptionEvent) -> list[ServerEvent]:
+        """One step of a user item's input transcription, as GA sends it: `.delta`s, then `.completed`
+        (the item then carries the transcript, for `conversation.item.retrieve`) or `.failed`."""
+        ids = {"item_id": item_id, "content_index": content_index}
+        if isinstance(event, TranscriptDelta):
+            return [self.events.new(ConversationItemInputAudioTranscriptionDeltaEvent,
+                                    type="conversation.item.input_audio_transcription.delta", delta=event.text, **ids)]
+        if isinstance(event, Transcript):
+            item = self.items.get(item_id)
+            if item is not None and item.role == "user":
+                parts = [part.model_dump(exclude_unset=True) for part in item.content]
+                if content_index < len(parts) and parts[content_index].get("type") == "input_audio":
+                    parts[content_index]["transcript"] = event.text
+                    self.items.put(items.user_message(item_id, parts))
+            return [self.events.new(ConversationItemInputAudioTranscriptionCompletedEvent,
+                                    type="conversation.item.input_audio_transcription.completed",
+                                    transcript=event.text, usage={"type": "duration", "seconds": event.audio_s},
+                                    **ids)]
+        return [self.events.new(ConversationItemInputAudioTranscriptionFailedEvent,
+                                type="conversation.item.input_audio_transcription.failed",
+                                error={"type": "transcription_error", "code": event.code, "message": event.message},
+                                **ids)]
+
+    def notice(self, code: str, message: str, response_id: str | None = None) -> vita.Notice:
+        fields: dict[str, Any] = {"response_id": response_id} if response_id is not None else {}
+        return self.events.new(vita.Notice, type="vita.notice", code=code, message=message, **fields)
+
+    def _dropped(self, action: InputDropped) -> ServerEvent:
+        response_id = next((r.response_id for r in self._responses.values() if r.request_id == action.request_id),
+                           None)
+        what = "camera frames" if action.modality == "video" else "image(s)"
+        message = (f"This model cannot see (its vision tower is not trained): {action.count} {what} left out; "
+                   "answering the rest of the turn.")
+        return self.notice("input_dropped", message, response_id)
 
     def _classified(self, action: SegmentClassified) -> list[ServerEvent]:
         item_id = self._segment_item(action.segment_id)
@@ -218,7 +300,7 @@ class Conversation:
     def _response_started(self, action: ResponseStarted) -> list[ServerEvent]:
         modalities = self.next_modalities or self.config.output_modalities
         self.next_modalities = None
-        wire = _Response(action.response_id, new_item_id(), audio="audio" in modalities)
+        wire = _Response(action.response_id, new_item_id(), audio="audio" in modalities, request_id=action.request_id)
         self._responses[action.response_id] = wire
         self._item_to_response[wire.item_id] = action.response_id
         item = items.assistant_message(wire.item_id, audio=wire.audio, text=None, status="in_progress")
@@ -268,6 +350,9 @@ class Conversation:
         if wire is None:
             return []
         ids = self._ids(wire)
+        if action.status in ("completed", "incomplete") and not wire.text.strip():
+            log.warning("response %s (request %s) ended %s with no visible text", wire.response_id,
+                        wire.request_id, action.status)
         out: list[ServerEvent] = []
         if wire.audio:
             out.append(self.events.new(ResponseAudioDoneEvent, type="response.output_audio.done", **ids))
@@ -312,8 +397,9 @@ class Conversation:
             "output": [item] if item else [], "output_modalities": ["audio" if wire.audio else "text"],
             "conversation_id": self.conversation_id,
         }
-        if status == "failed":
-            response["status_details"] = {"type": "failed", "error": {"type": "server_error", "code": reason}}
+        if status == "failed":  # whose fault, as the error event says it (a prompt too long is the client's)
+            kind = ErrorCode(reason).error_type if reason in ErrorCode._value2member_map_ else "server_error"
+            response["status_details"] = {"type": "failed", "error": {"type": kind, "code": reason}}
         elif status in ("cancelled", "incomplete"):
             response["status_details"] = {"type": status, "reason": reason}
         return response

@@ -26,6 +26,15 @@ from pydantic_settings import (
 # Lists come from env vars as JSON or comma-separated: decoded by the validators below, not by pydantic-settings.
 StrList = Annotated[list[str], NoDecode]
 
+# The realtime input path's CPU optimisations (issue 14), each on by default and switchable (hot_path_off).
+HotPath = Literal["ws", "append", "idle", "memcheck"]
+HOT_PATHS: dict[str, str] = {
+    "ws": "uvicorn's sans-I/O WebSocket protocol reading ahead (server/ws_protocol.py); off: its legacy one",
+    "append": "input_audio_buffer.append parsed without the general parser and pydantic, checked as strictly",
+    "idle": "one idle timer per session instead of a timeout armed per received event",
+    "memcheck": "an append is checked against the memory budget with an upper bound, exact once a second",
+}
+
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VITA_", extra="forbid")
@@ -55,6 +64,29 @@ class ServerSettings(BaseSettings):
     max_send_buffer_bytes: int = Field(16 << 20, ge=4096, description="per session; a client further behind is closed")
     idle_timeout_s: float = Field(600.0, gt=0)
     media_url_allowlist: StrList = Field(default_factory=list, description="hosts http(s) media may come from")
+    session_memory_mib: int = Field(64, ge=1, description="per realtime session: camera frames, buffered audio, "
+                                    "pending items and history it may hold; past it inputs get an error event")
+    blocking_threads: int = Field(2, ge=1, description="threads for work kept off the event loop: media "
+                                  "decoding, resampling, VAD of long appends, tokenizing long prompts")
+    metrics_auth: bool = Field(False, description="with api_keys set, /metrics needs a key too (Prometheus "
+                               "scrapes usually go without one); /docs and /openapi.json always need one then")
+
+    # Connections (server/connections.py): idle and slow clients are closed, so they cannot hold sockets
+    header_timeout_s: float = Field(10.0, gt=0, description="a request head (or WebSocket handshake) must be "
+                                    "complete this long after the connection opens or its first byte arrives")
+    body_timeout_s: float = Field(60.0, gt=0, description="a request body must be complete this long after its "
+                                  "head (64 MiB at ~10 Mbit/s); else 408 and the connection is closed")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="an idle kept-alive HTTP connection is closed after "
+                                      "this; behind a load balancer, set it above the balancer's idle timeout")
+    ws_per_message_deflate: bool = Field(False, description="negotiate permessage-deflate on WebSockets when the "
+                                         "client offers it: base64 audio barely compresses and inflating every "
+                                         "20 ms event costs the event loop CPU (bench/RESULTS.md, issue 14)")
+
+    # CPU per realtime session (issue 14): every optimisation of the hot input path is on unless named here,
+    # so that bench/load.py --compare measures each against its absence on the same code
+    hot_path_off: Annotated[list[HotPath], NoDecode] = Field(default_factory=list, description="optimisations "
+                                                             "to turn off (benchmarks, bisecting): " + ", ".join(
+                                                                 f"{k} ({v})" for k, v in HOT_PATHS.items()))
 
     # Conversation and VAD defaults (clients may change them per session)
     history_turns: int = Field(2, ge=0)
@@ -68,15 +100,42 @@ class ServerSettings(BaseSettings):
                               "?vita_events=0 (strict GA clients, e.g. the OpenAI Agents SDK, report them as errors)")
 
     # Speech out
-    tts: Literal["espeak", "http", "none"] = "espeak"
+    tts: Literal["auto", "espeak", "http", "vita", "none"] = Field(
+        "auto", description="auto: the checkpoint's own voice (vita) when it ships vita_tts_ckpt/, else espeak; "
+        "vita: that voice, or fail at startup without it; espeak (optional GPL extra); http (OpenAI-compatible "
+        "/v1/audio/speech at tts_url); none: text only")
     tts_url: str | None = Field(None, description="OpenAI-compatible /v1/audio/speech base URL (tts=http)")
     tts_model: str = "tts-1"
     tts_voice: str = "alloy"
+    # The vita voice: one vLLM engine for its speech decoder, shared by every session (their steps batch)
+    tts_gpu_memory_utilization: float = Field(0.05, gt=0, lt=1, description="vita voice on GPU: its engine's "
+                                              "share of the first engine's GPU, on top of gpu_memory_utilization")
+    tts_kv_cache_mib: int = Field(64, ge=16, description="vita voice on CPU: its engine's KV-cache cap (64 MiB "
+                                  "holds one 2048-position sentence at real size in float32)")
+    tts_cpu_cores: str | None = Field(None, description="vita voice on CPU: cores its engine is pinned to, e.g. "
+                                      "\"1\"; default: the last LLM engine's")
+
+    # Speech in: input transcription (sessions turn its events on with session.update
+    # audio.input.transcription; a model without a trained audio tower always hears through it)
+    transcription: Literal["pocketsphinx", "http", "none"] = Field(
+        "pocketsphinx", description="pocketsphinx (offline, English, weak), http (an OpenAI-compatible "
+        "/v1/audio/transcriptions server at transcription_url, e.g. vLLM serving Whisper) or none")
+    transcription_url: str | None = Field(None, description="OpenAI-compatible server's base URL "
+                                          "(transcription=http), e.g. http://127.0.0.1:8001/v1")
+    transcription_model: str = Field("whisper-1", description="the model field sent to the http server "
+                                     "(e.g. openai/whisper-large-v3 for vLLM)")
+    transcription_api_key: SecretStr | None = Field(None, description="sent to the http server as a bearer token")
+    transcription_language: str | None = Field("en", description="ISO-639-1 default language (sessions may "
+                                               "override it); pocketsphinx has English only")
+    transcription_max_concurrency: int | None = Field(None, ge=1, description="transcriptions at once per "
+                                                      "server; default 1 worker process for pocketsphinx, 8 for http")
+    transcription_timeout_s: float = Field(60.0, gt=0, description="a transcription that takes longer fails")
 
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
 
-    @field_validator("models", "gpu_ids", "cpu_cores", "allowed_origins", "media_url_allowlist", mode="before")
+    @field_validator("models", "gpu_ids", "cpu_cores", "allowed_origins", "media_url_allowlist", "hot_path_off",
+                     mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # VITA_MODELS=/a,/b as well as JSON lists

@@ -103,10 +103,13 @@ class ServerProcess(_ServerProcess):
 
 @pytest.fixture(scope="session")
 def served_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny VITA-1.5 whose first token is ☞ (query) and whose answers always run to max_tokens."""
+    """Tiny VITA-1.5 whose first token is ☞ (query) and whose answers always run to max_tokens. Without the
+    vita voice (`tts=False`): servers of it speak with espeak under the default `tts: auto`, and start two
+    engines, not three (tests/test_vita_voice_server.py serves one with its voice)."""
     from models.tiny import build_tiny
 
-    return build_tiny("vita15", tmp_path_factory.mktemp("served") / "query", seed=5, force="query", never_stop=True)
+    return build_tiny("vita15", tmp_path_factory.mktemp("served") / "query", seed=5, force="query", never_stop=True,
+                      tts=False)
 
 
 @pytest.fixture(scope="session")

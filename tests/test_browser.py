@@ -1,6 +1,7 @@
 """The browser client (clients/web) in a real headless Chromium against a real server: espeak speech as
 the fake microphone, the fake camera on, Playwright driving Debian's /usr/bin/chromium (never a
-downloaded browser). The page must hear the question, show an answer and play its audio."""
+downloaded browser). The page must hear the question (its microphone meter moves, and the server's input
+transcription of it appears on the page), show the model in use, show an answer and play its audio."""
 
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def test_browser_hears_a_question_and_plays_the_answer(sync_playwright, server_u
                     """() => vitaState.speechStarted > 0
                         && vitaState.segments.some(s => s.kind === "query" && !s.ignored)
                         && vitaState.transcript.trim().length > 0
-                        && vitaState.audioSamplesPlayed > 0""",
+                        && vitaState.audioSamplesPlayed > 0
+                        && Object.values(vitaState.userTranscripts).some(t => t.trim().length > 0)""",
                     timeout=120_000,
                 )
                 # Let a little more of the answer play, then a typed message goes the same way.
@@ -107,7 +109,9 @@ def test_browser_hears_a_question_and_plays_the_answer(sync_playwright, server_u
             final = state()
             transcript_html = page.inner_text("#transcript")
             answers = page.locator("#transcript li.assistant").all_inner_texts()
+            heard = page.locator("#transcript li.user.heard").all_inner_texts()
             state_label = page.inner_text("#state")
+            model_label = page.inner_text("#model")
         finally:
             context.close()
 
@@ -116,5 +120,10 @@ def test_browser_hears_a_question_and_plays_the_answer(sync_playwright, server_u
     assert final["framesSent"] > 0  # the fake camera's frames went out as vita.frame.append
     assert final["audioSamplesPlayed"] > 24000  # over a second of the answer was rendered
     assert final["transcript"].strip() and answers and answers[0].strip()  # the answer is on the page
-    assert "spoken question" in transcript_html and "And tomorrow?" in transcript_html
+    assert "And tomorrow?" in transcript_html
     assert state_label != "disconnected"
+    # What the user said, as pocketsphinx heard the espeak question, is on the page as the user's turn.
+    said = [t for t in final["userTranscripts"].values() if t.strip()]
+    assert said and said[0] in heard, (final["userTranscripts"], heard)
+    assert model_label.strip() == final["model"] != ""  # the model in use, from session.created
+    assert final["micPeak"] > 0.01  # the meter saw the question (espeak speech peaks far above this)

@@ -206,3 +206,37 @@ async def test_echo_of_our_own_reply_is_not_a_barge_in_but_a_question_over_it_is
     assert any(isinstance(a, PauseOutput) for a in after)
     await session.close()
     assert await _settled(query) == 0
+
+
+class _SentenceRecorder(EspeakTTS):
+    """espeak, noting for each sentence whether the runtime said it starts an answer (`first`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.firsts: list[bool | None] = []
+
+    def synthesize(self, text: str, *, first: bool | None = None):  # type: ignore[override]
+        self.firsts.append(first)
+        return super().synthesize(text, first=first)
+
+
+async def test_the_tts_is_told_which_sentence_starts_each_answer(forced_engines, vad_hub) -> None:
+    """The vita voice starts an answer with a shorter first chunk: the runtime passes `first` per sentence."""
+    query = forced_engines["query"]
+    tts = _SentenceRecorder()
+    settings = RuntimeSettings(controller=ControllerSettings(engines=2, state_tokens=state_tokens_for(query)),
+                               sampling=Sampling(max_tokens=40))
+    session = DuplexSession([query, query], tts, vad_hub, settings, session_id="first-flag")
+    starts = []
+    for text in ("What is the weather like today?", "And tomorrow, in Paris?"):
+        starts.append(len(tts.firsts))
+        session.send_text(text)
+        await _drain(session, lambda a: isinstance(a, EmitAudio))
+        await asyncio.sleep(1.0)  # the 40-token answer is generated and espeak has spoken all of it (not played)
+        session.cancel_response()
+        await _drain(session, lambda a: isinstance(a, ResponseDone))
+    assert len(tts.firsts) > starts[1] > 0, tts.firsts  # both answers were spoken
+    assert [i for i, first in enumerate(tts.firsts) if first] == starts, tts.firsts
+    assert all(first is False for i, first in enumerate(tts.firsts) if i not in starts), tts.firsts
+    await session.close()
+    assert await _settled(query) == 0

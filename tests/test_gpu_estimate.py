@@ -33,6 +33,12 @@ STAGES = [
     "= speech end -> 2nd token (1st word), vision ahead",
 ]
 FBANK = "audio features, CPU fbank (3 s)"
+VOICE = [  # the vita voice (speech decoder + TiCodec), after the VITA stages
+    "voice: NAR + AR prompt pass, 1 sentence",
+    "voice: AR step (per codec token)",
+    "voice: TiCodec, first window (30 tok)",
+    "= voice: sentence -> first audio",
+]
 
 # A machine with torch + transformers only: the optional audio stack and vLLM cannot be imported, and
 # models.config stands in for a transformers release it does not support.
@@ -100,7 +106,7 @@ def test_every_stage_is_timed(outputs: dict[str, subprocess.CompletedProcess[str
     result = outputs[kind]
     assert result.returncode == 0, result.stderr
     rows = _rows(result.stdout)
-    expected = STAGES + ([FBANK] if kind == "full" else [])
+    expected = STAGES + VOICE + ([FBANK] if kind == "full" else [])
     assert sorted(rows) == sorted(expected), result.stdout
     for name, (_, p50, low) in rows.items():
         assert math.isfinite(p50) and math.isfinite(low) and 0 < low <= p50, (name, p50, low)
@@ -110,6 +116,9 @@ def test_every_stage_is_timed(outputs: dict[str, subprocess.CompletedProcess[str
         rows[STAGES[0]][1] + rows[STAGES[1]][1] + rows[STAGES[3]][1], abs=0.03
     )
     assert rows[STAGES[9]][1] == pytest.approx(rows[STAGES[0]][1] + rows[STAGES[4]][1], abs=0.02)
+    # first audio = the prompt pass + 30 AR steps (the first window: 20 kept + 10 padding tokens) + TiCodec
+    assert rows[VOICE[3]][1] == pytest.approx(rows[VOICE[0]][1] + 30 * rows[VOICE[1]][1] + rows[VOICE[2]][1], abs=0.05)
+    assert rows[VOICE[2]][0] == f"{30 * 600} samples"  # TiCodec really decoded the window: 600 per token
 
 
 @pytest.mark.parametrize("kind", ["full", "bare"])
@@ -181,3 +190,25 @@ def test_full_size_is_vita15() -> None:
         "audio adapter": 17_835_520,
         "LM (Qwen2, incl. embed + lm_head)": 7_615_616_512,
     }
+
+
+def test_voice_at_real_size() -> None:
+    """The vita voice's stated sizes: Freeze-Omni's decoder/codec (VITA-1.5's design), built on the meta device."""
+    g = _module()
+    voice = g.build_voice(False, torch.device("meta"), torch.bfloat16)
+    assert voice.param_counts() == {"speech decoder (NAR + AR + head)": 99_569_028,
+                                    "TiCodec decoder side": 16_025_217}
+    cfg = voice.decoder.cfg
+    assert (cfg.idim * 4, cfg.hidden_size, cfg.num_layers, cfg.num_pre_nn_layers, cfg.head_dim) == (3584, 896, 4, 2, 64)
+    assert voice.codec.cfg.samples_per_token == 600 and voice.kv_bytes_per_token(torch.bfloat16) == 14_336
+
+
+def test_voice_only_runs_alone() -> None:
+    """`--voice-only`: just the voice's rows (how the README's real-size CPU numbers were taken)."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--voice-only", "--repeats", "1", "--warmup", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(_rows(result.stdout)) == sorted(VOICE), result.stdout
+    assert "# voice: KV cache 1.0 KiB per codec token in float32" in result.stdout

@@ -106,7 +106,7 @@ async def test_none_backend_is_disabled_and_fails_politely() -> None:
 
 needs_pocketsphinx = pytest.mark.skipif(
     not pocketsphinx_available(),
-    reason="pocketsphinx is not installed (pip install 'vita-duplex[transcription]')",
+    reason="pocketsphinx is not installed (a core dependency: pip install pocketsphinx)",
 )
 
 

@@ -277,6 +277,67 @@ async def test_session_created_reports_a_ga_session_object(server_url: str) -> N
         await s.close()
 
 
+async def test_input_transcription_events_conform(server_url: str) -> None:
+    """`audio.input.transcription` on: every committed user audio item gets `.delta`s then `.completed`
+    (or `.failed`), after the item was added; `retrieve` then shows the transcript; null turns it off."""
+    s = await Session.open(server_url)
+    try:
+        await s.send({"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"],
+                      "max_output_tokens": 4, "audio": {"input": {"transcription": {"model": "whisper-1"}}}}})
+        effect = (await s.until("session.updated"))[-1]["session"]["audio"]["input"]["transcription"]
+        assert effect == {"model": "pocketsphinx-en-us", "language": "en"}  # what transcribes, not what was asked
+
+        # a spoken turn (server VAD)
+        await _stream_audio(s, _speech_24k("What is the weather like today?"))
+        completed = (await s.until("conversation.item.input_audio_transcription.completed"))[-1]
+        item_id = next(e["item_id"] for e in s.events if e["type"] == "input_audio_buffer.committed")
+        kinds = [e["type"] for e in s.events if e.get("item_id") == item_id or e.get("item", {}).get("id") == item_id]
+        assert kinds.index("conversation.item.added") < kinds.index(
+            "conversation.item.input_audio_transcription.delta") < kinds.index(
+            "conversation.item.input_audio_transcription.completed")
+        assert completed["item_id"] == item_id and completed["content_index"] == 0 and completed["transcript"]
+        assert completed["usage"]["type"] == "duration" and completed["usage"]["seconds"] > 1
+        if "response.done" not in s.types():  # transcription runs beside the answer: either may end first
+            await s.until("response.done")
+
+        # a typed item with text then audio: the audio is content part 1; retrieve shows its transcript
+        pcm = base64.b64encode(_speech_24k("Hello there.", trailing_s=0.2)).decode()
+        await s.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "id": "item_ta",
+                      "content": [{"type": "input_text", "text": "Listen:"}, {"type": "input_audio", "audio": pcm}]}})
+        typed = (await s.until(lambda e: e["type"] == "conversation.item.input_audio_transcription.completed"
+                               and e["item_id"] == "item_ta"))[-1]
+        assert typed["content_index"] == 1
+        await s.send({"type": "conversation.item.retrieve", "item_id": "item_ta"})
+        parts = (await s.until("conversation.item.retrieved"))[-1]["item"]["content"]
+        assert parts[1] == {"type": "input_audio", "transcript": typed["transcript"]}
+
+        # a language the backend cannot do: the item's transcription fails, the session goes on
+        await s.send({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+            "transcription": {"language": "fr"}}}}})
+        await s.until("session.updated")
+        await s.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "id": "item_fr",
+                      "content": [{"type": "input_audio", "audio": pcm}]}})
+        failed = (await s.until(lambda e: e["type"].startswith("conversation.item.input_audio_transcription.")
+                                and e["item_id"] == "item_fr"))[-1]
+        assert failed["type"] == "conversation.item.input_audio_transcription.failed"
+        assert failed["error"]["code"] == "unsupported_language", failed
+
+        # off again: reported as null, and the next item gets no transcription
+        await s.send({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+            "transcription": None}}}})
+        assert (await s.until("session.updated"))[-1]["session"]["audio"]["input"]["transcription"] is None
+        await s.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "id": "item_off",
+                      "content": [{"type": "input_audio", "audio": pcm}]}})
+        await s.until(lambda e: e["type"] == "conversation.item.done" and e["item"]["id"] == "item_off")
+        await asyncio.sleep(3)  # pocketsphinx took well under a second for the same clip above
+        await s.send({"type": "conversation.item.retrieve", "item_id": "item_off"})
+        assert (await s.until("conversation.item.retrieved"))[-1]["item"]["content"][0]["transcript"] is None
+        assert not [e for e in s.events if e.get("item_id") == "item_off" and "transcription" in e["type"]]
+        s.assert_conforming()
+    finally:
+        await s.close()
+
+
 async def test_a_strict_ga_client_can_turn_the_vita_events_off(server_url: str) -> None:
     """The OpenAI Agents SDK reports every event outside the GA union as an error: `?vita_events=0`."""
     s = await Session.open(server_url, "&vita_events=0")
@@ -295,11 +356,11 @@ async def test_a_strict_ga_client_can_turn_the_vita_events_off(server_url: str) 
 
 
 def _without_extensions(body: dict) -> dict:
-    """Our documented chat extensions, checked and removed: `vita` (the state token and warnings) at the
+    """Our documented chat extensions, checked and removed: `vita` (the state token, warnings, notices) at the
     top, and `delta.audio` in streamed chunks (OpenAI streams audio so, but the SDK's ChoiceDelta lacks it)."""
     body = json.loads(json.dumps(body))
     vita = body.pop("vita", None)
-    assert vita is None or set(vita) <= {"state", "warning"}, vita
+    assert vita is None or set(vita) <= {"state", "warning", "notice"}, vita
     for choice in body.get("choices", []):
         audio = choice.get("delta", {}).pop("audio", None)
         assert audio is None or set(audio) <= {"id", "data", "transcript", "expires_at"}, audio

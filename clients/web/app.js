@@ -18,6 +18,11 @@ const vitaState = (window.vitaState = {
   audioSamplesPlayed: 0, // 24 kHz samples actually rendered by the playback worklet
   speaking: false, // the playback queue holds audio
   framesSent: 0,
+  model: "", // from session.created
+  notices: [], // vita.notice events ({code, message})
+  userTranscripts: {}, // user item id -> its input transcription (conversation.item.input_audio_transcription.*)
+  micLevel: 0, // RMS of the latest microphone chunk (0..1)
+  micPeak: 0, // the loudest chunk so far
   errors: [],
 });
 
@@ -39,6 +44,7 @@ const hadAudio = new Set(); // assistant items that received audio
 const truncated = new Set(); // items we truncated: their late audio is dropped
 const responseItems = {}; // response id -> assistant item id
 const entries = new Map(); // item id -> <li>
+const noticesShown = new Set(); // notice codes already on the page (camera turns repeat input_dropped)
 
 // --- UI ------------------------------------------------------------------------------------------
 
@@ -67,6 +73,37 @@ function addEntry(kind, text, id) {
   li.scrollIntoView({ block: "end" });
   if (id) entries.set(id, li);
   return li;
+}
+
+// What the user said, as the server transcribed it, replaces the "(speech)" placeholder of its item.
+function showUserTranscript(itemId, text, final) {
+  vitaState.userTranscripts[itemId] = text;
+  const li = entries.get(itemId) || addEntry("user", "", itemId);
+  if (li.className === "note") return; // the segment was ignored (noise): keep saying so
+  li.classList.add("heard");
+  li.textContent = text || (final ? "(speech: no words recognised)" : "…");
+}
+
+function showNotice(e) {
+  vitaState.notices.push({ code: e.code, message: e.message });
+  if (e.code === "demo_model") {
+    const banner = $("notice");
+    banner.textContent = e.message;
+    banner.hidden = false;
+  } else if (!noticesShown.has(e.code)) addEntry("note", e.message);
+  noticesShown.add(e.code);
+}
+
+// Microphone level meter: RMS of each PCM16 chunk, on a dB scale (-60 dBFS .. 0) so speech fills it.
+function showMicLevel(buffer) {
+  const samples = new Int16Array(buffer);
+  let sum = 0;
+  for (let i = 0; i < samples.length; i++) sum += samples[i] * samples[i];
+  const rms = samples.length ? Math.sqrt(sum / samples.length) / 32768 : 0;
+  vitaState.micLevel = rms;
+  vitaState.micPeak = Math.max(vitaState.micPeak, rms);
+  const db = 20 * Math.log10(Math.max(rms, 1e-6));
+  $("mic-level").value = Math.min(1, Math.max(0, (db + 60) / 60));
 }
 
 function showError(message) {
@@ -118,7 +155,10 @@ async function startAudio() {
     numberOfOutputs: 0,
     processorOptions: { chunkMs: CHUNK_MS },
   });
-  capture.port.onmessage = ({ data }) => send({ type: "input_audio_buffer.append", audio: toBase64(data) });
+  capture.port.onmessage = ({ data }) => {
+    showMicLevel(data);
+    send({ type: "input_audio_buffer.append", audio: toBase64(data) });
+  };
   audioCtx.createMediaStreamSource(micStream).connect(capture);
 
   playback = new AudioWorkletNode(audioCtx, "vita-playback", {
@@ -201,18 +241,37 @@ function stopCamera() {
 function onEvent(e) {
   switch (e.type) {
     case "session.created":
-      // Say the formats out loud rather than relying on the defaults.
+      // Say the formats out loud rather than relying on the defaults; ask for the user's transcript
+      // (the server's transcription backend and language).
       send({
         type: "session.update",
         session: {
           type: "realtime",
           audio: {
-            input: { format: { type: "audio/pcm", rate: WIRE_RATE } },
+            input: { format: { type: "audio/pcm", rate: WIRE_RATE }, transcription: {} },
             output: { format: { type: "audio/pcm", rate: WIRE_RATE } },
           },
         },
       });
+      vitaState.model = e.session.model || "";
+      $("model").textContent = vitaState.model;
       addEntry("note", `Connected (${e.session.model}). Speak or type.`);
+      break;
+
+    case "vita.notice":
+      showNotice(e);
+      break;
+
+    case "conversation.item.input_audio_transcription.delta":
+      showUserTranscript(e.item_id, (vitaState.userTranscripts[e.item_id] || "") + (e.delta || ""), false);
+      break;
+
+    case "conversation.item.input_audio_transcription.completed":
+      showUserTranscript(e.item_id, e.transcript, true);
+      break;
+
+    case "conversation.item.input_audio_transcription.failed":
+      if (!(e.item_id in vitaState.userTranscripts)) showUserTranscript(e.item_id, "", true);
       break;
 
     case "input_audio_buffer.speech_started":
@@ -243,7 +302,9 @@ function onEvent(e) {
           li.className = "note";
           li.textContent = note;
         } else addEntry("note", note);
-      } else if (li && e.kind === "query") li.textContent = "(spoken question)";
+      } else if (li && e.kind === "query" && !(e.item_id in vitaState.userTranscripts)) {
+        li.textContent = "(spoken question)";
+      }
       break;
     }
 
@@ -365,6 +426,8 @@ function teardown() {
   flushWaiters.splice(0).forEach((resolve) => resolve());
   userSpeaking = responding = paused = false;
   vitaState.speaking = false;
+  noticesShown.clear();
+  $("mic-level").value = 0;
   setConnected(false);
   updateState();
 }

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+TTS_DIR = "vita_tts_ckpt"  # its folder in (or beside) a VITA-1.5 checkpoint
 DECODER_DIR = "decoder"
 CODEC_DIR = "codec"
 CONFIG_FILE = "model.json"
@@ -226,9 +227,11 @@ class TTSCheckpoint:
 
 
 def find_tts_dir(model_dir: str | Path) -> Path | None:
-    """`vita_tts_ckpt/` beside (inside) a VITA-1.5 model directory, or the directory itself; None if absent."""
+    """The speech decoder of a VITA-1.5 model directory: its `vita_tts_ckpt/`, the directory itself, or the
+    `vita_tts_ckpt/` beside it (the published repo keeps `VITA1.5_ckpt/` and `vita_tts_ckpt/` side by side at
+    its root); None if absent."""
     root = Path(model_dir)
-    for candidate in (root / "vita_tts_ckpt", root):
+    for candidate in (root / TTS_DIR, root, root.parent / TTS_DIR):
         if all(
             (candidate / sub / name).is_file()
             for sub in (DECODER_DIR, CODEC_DIR)

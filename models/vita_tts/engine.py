@@ -29,7 +29,7 @@ from ..engine import AsyncLLMRequests
 from .config import TTSCheckpoint, open_tts_checkpoint
 from .reference import ReferenceCodec, ReferenceDecoder
 from .streaming import CodecWindow, SentenceStream, StreamParams
-from .weights import map_decoder_names, safe_load
+from .weights import map_codec_names, map_decoder_names, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class VoiceSettings:
     logprobs_mode: str | None = None  # "raw_logits" lets tests read the decoder's logits
     max_logprobs: int = 20
     work_dir: str | None = None  # where the engine directory (config.json + safetensors) is written
+    # Where the torch side runs (NAR, the AR prompt pass, TiCodec): "cpu", or "cuda:N" beside the engine on a GPU
+    # (in `dtype` there; at real size TiCodec on a CPU is slower than real time).
+    torch_device: str = "cpu"
 
 
 @dataclass
@@ -71,8 +74,9 @@ class SpeechStats:
 class CodecBatcher:
     """Decodes codec windows; windows of the same length waiting at the same time go through in one batch."""
 
-    def __init__(self, codec: ReferenceCodec) -> None:
+    def __init__(self, codec: ReferenceCodec, device: torch.device | None = None) -> None:
         self.codec = codec
+        self.device = device or torch.device("cpu")
         self._pending: list[tuple[tuple[int, ...], asyncio.Future[torch.Tensor]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -97,7 +101,7 @@ class CodecBatcher:
             for items in groups.values():
                 codes = torch.tensor([t for t, _ in items], dtype=torch.long)
                 try:
-                    audio = await asyncio.to_thread(self.codec.decode, codes)
+                    audio = await asyncio.to_thread(self._decode, codes)
                 except Exception as exc:  # noqa: BLE001 - handed to every waiter
                     for _, fut in items:
                         if not fut.done():
@@ -106,6 +110,10 @@ class CodecBatcher:
                 for row, (_, fut) in enumerate(items):
                     if not fut.done():
                         fut.set_result(audio[row, 0])
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        with torch.device(self.device):
+            return self.codec.decode(codes.to(self.device)).to(device="cpu", dtype=torch.float32)
 
     def close(self) -> None:
         if self._task is not None:
@@ -127,7 +135,8 @@ class VoiceEngine(AsyncLLMRequests):
         self.ckpt = ckpt
         self.decoder = decoder
         self.codec = codec
-        self.codec_batcher = CodecBatcher(codec)
+        self.device = torch.device(settings.torch_device)
+        self.codec_batcher = CodecBatcher(codec, self.device)
         self._work_dir = work_dir  # a TemporaryDirectory kept alive with the engine, or a path
         self.sample_rate = ckpt.codec.sampling_rate
         self.samples_per_token = ckpt.codec.samples_per_token
@@ -142,8 +151,11 @@ class VoiceEngine(AsyncLLMRequests):
 
         ckpt = await asyncio.to_thread(open_tts_checkpoint, settings.tts_dir)
         weights = await asyncio.to_thread(lambda: map_decoder_names(safe_load(ckpt.decoder_weights)))
-        decoder = ReferenceDecoder(ckpt.decoder, weights)
-        codec = await asyncio.to_thread(ReferenceCodec.load, ckpt)
+        device = torch.device(settings.torch_device)
+        torch_dtype = torch.float32 if device.type == "cpu" else _torch_dtype(settings.dtype)
+        decoder = ReferenceDecoder(ckpt.decoder, {k: v.to(device) for k, v in weights.items()}, torch_dtype)
+        codec_weights = await asyncio.to_thread(lambda: map_codec_names(safe_load(ckpt.codec_weights)))
+        codec = ReferenceCodec(ckpt.codec, {k: v.to(device) for k, v in codec_weights.items()}, torch_dtype)
         holder: Any = None
         if settings.work_dir is None:
             holder = tempfile.TemporaryDirectory(prefix="vita-tts-")
@@ -185,9 +197,11 @@ class VoiceEngine(AsyncLLMRequests):
     def prompt_embeds(self, vectors: torch.Tensor) -> torch.Tensor:
         from .vllm_decoder import prompt_carrier
 
-        layer_inputs = self.decoder.prompt_layer_inputs(vectors)
-        sos = self.decoder.embed(torch.tensor([self.ckpt.decoder.sos_id]))[0]
-        return prompt_carrier(layer_inputs, sos).to(_torch_dtype(self.settings.dtype))
+        with torch.device(self.device):  # the reference makes its position/token tensors on the default device
+            layer_inputs = self.decoder.prompt_layer_inputs(vectors.to(self.device))
+            sos = self.decoder.embed(torch.tensor([self.ckpt.decoder.sos_id]))[0]
+            rows = prompt_carrier(layer_inputs, sos)
+        return rows.to(device="cpu", dtype=_torch_dtype(self.settings.dtype))  # vLLM takes prompt embeds on the host
 
     # --- AR decoding in vLLM ------------------------------------------------------------------------
 

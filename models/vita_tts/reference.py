@@ -129,8 +129,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (heads, T, head_dim); cos/sin: (T, head_dim)."""
-    return x * cos + _rotate_half(x) * sin
+    """x: (heads, T, head_dim); cos/sin: (T, head_dim), computed in float32 and cast to x's dtype (as
+    transformers does, so bfloat16 runs stay bfloat16; a no-op in float32)."""
+    return x * cos.to(x.dtype) + _rotate_half(x) * sin.to(x.dtype)
 
 
 class LlamaStack:

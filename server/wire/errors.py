@@ -36,6 +36,9 @@ class ErrorCode(StrEnum):
     ITEM_NOT_FOUND = "item_not_found"
     ITEM_DELETE_UNSUPPORTED = "item_delete_unsupported"
     INSTRUCTIONS_TOO_LONG = "instructions_too_long"
+    STRING_ABOVE_MAX_LENGTH = "string_above_max_length"  # OpenAI's code for a string over its limit
+    SESSION_MEMORY_EXCEEDED = "session_memory_exceeded"  # the session holds its budget of frames, audio, items
+    TRANSCRIPTION_UNAVAILABLE = "transcription_unavailable"  # session.update asked for it; the server has none
 
     # The duplex controller's (duplex/controller.py).
     CONVERSATION_ALREADY_HAS_ACTIVE_RESPONSE = "conversation_already_has_active_response"
@@ -43,6 +46,9 @@ class ErrorCode(StrEnum):
     RESPONSE_CANCEL_NOT_ACTIVE = "response_cancel_not_active"
     TRUNCATE_UNKNOWN_RESPONSE = "truncate_unknown_response"
     ENGINE_ERROR = "engine_error"
+    # Engine failures with a known cause (models/errors.py: the duplex runtime passes their code on).
+    ENGINE_UNAVAILABLE = "engine_unavailable"  # its engine died mid-request; retry (another engine serves)
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # the prompt does not fit max_model_len
 
     @property
     def error_type(self) -> str:
@@ -50,7 +56,7 @@ class ErrorCode(StrEnum):
         return "server_error" if self in _SERVER_FAULTS else "invalid_request_error"
 
 
-_SERVER_FAULTS = frozenset({ErrorCode.ENGINES_NOT_READY, ErrorCode.ENGINE_ERROR})
+_SERVER_FAULTS = frozenset({ErrorCode.ENGINES_NOT_READY, ErrorCode.ENGINE_ERROR, ErrorCode.ENGINE_UNAVAILABLE})
 _BY_VALUE = {code.value: code for code in ErrorCode}
 
 

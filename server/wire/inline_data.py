@@ -34,8 +34,9 @@ def decode_base64(text: object, what: str, *, allow_empty: bool = False) -> byte
     if not isinstance(text, str):
         raise InlineDataError(f"{what} must be a base64 string; got {type(text).__name__}")
     try:
-        # The common case (unwrapped, padded, standard alphabet) without copying the text.
-        data = base64.b64decode(text, validate=True)
+        # The common case (unwrapped, padded, standard alphabet) without copying the text. binascii's strict
+        # mode accepts exactly what b64decode(validate=True) does, minus its regex pass (~1/3 of the time).
+        data = binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError):
         data = _decode_lenient(text, what)
     if not data and not allow_empty:

@@ -17,6 +17,9 @@ from typing import Any, Literal, TypeVar
 from openai.types.realtime import (
     ConversationItemAdded,
     ConversationItemDone,
+    ConversationItemInputAudioTranscriptionCompletedEvent,
+    ConversationItemInputAudioTranscriptionDeltaEvent,
+    ConversationItemInputAudioTranscriptionFailedEvent,
     ConversationItemTruncatedEvent,
     InputAudioBufferClearedEvent,
     InputAudioBufferCommittedEvent,
@@ -53,6 +56,8 @@ GAServerEvent = (
     | InputAudioBufferSpeechStartedEvent | InputAudioBufferSpeechStoppedEvent | InputAudioBufferCommittedEvent
     | InputAudioBufferClearedEvent
     | ConversationItemAdded | ConversationItemDone | ConversationItemTruncatedEvent | ConversationItemRetrieved
+    | ConversationItemInputAudioTranscriptionDeltaEvent | ConversationItemInputAudioTranscriptionCompletedEvent
+    | ConversationItemInputAudioTranscriptionFailedEvent
     | ResponseCreatedEvent | ResponseOutputItemAddedEvent | ResponseContentPartAddedEvent
     | ResponseTextDeltaEvent | ResponseTextDoneEvent | ResponseAudioDeltaEvent | ResponseAudioDoneEvent
     | ResponseAudioTranscriptDeltaEvent | ResponseAudioTranscriptDoneEvent

@@ -65,7 +65,20 @@ class RolesSwapped(VitaEvent):
     monitor: int
 
 
-VitaServerEvent = SegmentClassified | SegmentDiscarded | OutputPaused | OutputResumed | RolesSwapped
+class Notice(VitaEvent):
+    """How the model takes the user's input, when the client should know: `demo_model` (the embedded CPU
+    demo), `hears_through_transcription` (the model has no trained audio tower: it answers the transcript
+    of what was said), `input_dropped` (the model cannot see: a turn's images or video were left out and
+    the rest was answered). `message` says it in words a page can show."""
+
+    type: Literal["vita.notice"]
+    code: Literal["demo_model", "hears_through_transcription", "input_dropped"]
+    message: str
+    response_id: str | None = None
+    """The answer it concerns (input_dropped), when there is one."""
+
+
+VitaServerEvent = SegmentClassified | SegmentDiscarded | OutputPaused | OutputResumed | RolesSwapped | Notice
 
 # Client events VITA adds (models in client_events.py), and the server events above: advertised in the
 # README's "VITA extensions" table.
@@ -76,4 +89,5 @@ VITA_SERVER_EVENTS: dict[str, type[VitaEvent]] = {
     "vita.output.paused": OutputPaused,
     "vita.output.resumed": OutputResumed,
     "vita.roles.swapped": RolesSwapped,
+    "vita.notice": Notice,
 }

@@ -1,0 +1,115 @@
+"""The realtime input path's CPU optimisations (issue 14) change nothing a client can see: the append fast
+path accepts exactly what the general parser accepts, with the same result, and hands everything else to
+it; the per-session idle timer closes a session that went quiet, as the per-event timeout did."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.realtime import RealtimeConnection, _Closing
+from server.wire.client_events import AudioAppend, parse_audio_append, parse_client_event
+from server.wire.errors import ProtocolError
+
+APPEND = "input_audio_buffer.append"
+AUDIO = base64.b64encode(bytes(range(256)) * 4).decode()
+
+
+def _reference(text: str | bytes) -> AudioAppend | ProtocolError:
+    try:
+        event = parse_client_event(text)
+    except ProtocolError as exc:
+        return exc
+    assert isinstance(event, AudioAppend) or event.type != APPEND
+    return event
+
+
+def _same_as_the_general_parser(text: str | bytes) -> AudioAppend | None:
+    fast = parse_audio_append(text)
+    if fast is not None:
+        reference = _reference(text)
+        assert isinstance(reference, AudioAppend), f"fast path took what the parser refuses: {text[:200]!r}"
+        assert fast.model_dump() == reference.model_dump()
+        assert fast.model_fields_set == reference.model_fields_set
+    return fast
+
+
+@pytest.mark.parametrize("extra", [{}, {"event_id": "evt_1"}, {"event_id": None}])
+def test_a_plain_append_takes_the_fast_path(extra: dict[str, Any]) -> None:
+    for text in (json.dumps({"type": APPEND, "audio": AUDIO, **extra}),
+                 json.dumps({**extra, "audio": AUDIO, "type": APPEND}, separators=(",", ":"))):
+        event = _same_as_the_general_parser(text)
+        assert event is not None and event.audio == AUDIO and event.event_id == extra.get("event_id")
+        assert _same_as_the_general_parser(text.encode()) is not None
+
+
+@pytest.mark.parametrize("text", [
+    '{"type": "input_audio_buffer.append", "audio": "AAAA", "extra": 1}',  # other fields: the parser ignores them
+    '{"type": "input_audio_buffer.append", "audio": 5}',
+    '{"type": "input_audio_buffer.append", "audio": null}',
+    '{"type": "input_audio_buffer.append"}',
+    '{"type": "input_audio_buffer.append", "audio": "AAAA", "event_id": 7}',
+    '{"type": "input_audio_buffer.append", "audio": "\\ud800"}',  # a lone surrogate: the parser's INVALID_JSON
+    '{"type": "input_audio_buffer.append", "audio": "AAAA", "event_id": "\\udfff"}',
+    '{"type": "input_audio_buffer.append", "audio": "\u00e9"}',  # non-ASCII: left to the parser
+    '{"type": "input_audio_buffer.append", "audio": "AAAA", "audio": NaN}',
+    '{"type": "input_audio_buffer.append", "audio": "AAAA"',
+    '["input_audio_buffer.append"]',
+    '{"type": "input_audio_buffer.commit", "note": "input_audio_buffer.append"}',
+    '{"type": "transcription_session.update", "audio": "input_audio_buffer.append"}',
+    '\ufeff{"type": "input_audio_buffer.append", "audio": "AAAA"}',
+])
+def test_anything_else_goes_to_the_general_parser(text: str) -> None:
+    assert _same_as_the_general_parser(text) is None
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    type_=st.sampled_from([APPEND, APPEND + " ", "input_audio_buffer.commit", "session.update"]) | st.text(max_size=30),
+    audio=st.sampled_from([AUDIO, "", "AAAA", "AA==", "%%%"]) | st.text(max_size=20) | _json_values,
+    event_id=st.none() | st.text(max_size=10) | _json_values,
+    extra=st.dictionaries(st.sampled_from(["event_id", "x", "audio", "type"]), _json_values, max_size=2),
+    keys=st.sets(st.sampled_from(["type", "audio", "event_id"])),
+)
+def test_the_fast_path_agrees_with_the_general_parser(type_: Any, audio: Any, event_id: Any,
+                                                      extra: dict[str, Any], keys: set[str]) -> None:
+    fields = {"type": type_, "audio": audio, "event_id": event_id}
+    data = {**{k: v for k, v in fields.items() if k in keys}, **extra}
+    _same_as_the_general_parser(json.dumps(data))
+    _same_as_the_general_parser(json.dumps(data, ensure_ascii=False))
+
+
+async def test_the_idle_timer_closes_a_quiet_session_and_not_a_busy_one() -> None:
+    loop = asyncio.get_running_loop()
+    connection = SimpleNamespace(state=SimpleNamespace(settings=SimpleNamespace(idle_timeout_s=0.3)),
+                                 _last_input=0.0)
+
+    async def events_for(seconds: float) -> None:  # a client sending every 50 ms, as _read records it
+        end = loop.time() + seconds
+        while loop.time() < end:
+            await asyncio.sleep(0.05)
+            connection._last_input = loop.time()
+
+    start = loop.time()
+    watch = asyncio.ensure_future(RealtimeConnection._watch_idle(connection))  # type: ignore[arg-type]
+    await events_for(0.8)
+    assert not watch.done()  # events kept coming for longer than the idle timeout
+    with pytest.raises(_Closing) as closed:
+        await watch
+    quiet = loop.time() - connection._last_input
+    assert 0.29 <= quiet < 0.6 and loop.time() - start >= 1.09
+    assert (closed.value.code, closed.value.reason) == (1000, "idle for 0 s")
