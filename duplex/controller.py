@@ -550,9 +550,14 @@ class DuplexController:
                 actions += self._speak(response, response.chunker.flush())
             return actions + self._sync_output()
         if event.reason == "error":
-            remember = event.code != "context_length_exceeded"
-            return [*self._finish(response, "failed", event.code, remember=remember),
-                    Error(event.code, _failure(event, "generation"))]
+            if event.code == "context_length_exceeded":
+                # The turn does not fit with the history before it: neither is kept, so the next turn starts
+                # from an empty history (as OpenAI's "auto" truncation drops the oldest items) instead of
+                # every later prompt overflowing too.
+                self._history.clear()
+                return [*self._finish(response, "failed", event.code, remember=False),
+                        Error(event.code, _failure(event, "generation") + "; the conversation history was cleared")]
+            return [*self._finish(response, "failed", event.code), Error(event.code, _failure(event, "generation"))]
         return self._finish(response, "failed", "engine_aborted")  # an abort we did not ask for
 
     def _answer_text(self, response: _Response, raw: str) -> list[Action]:

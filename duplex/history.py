@@ -100,6 +100,9 @@ class History:
         while len(self._entries) > max_turns:
             self._entries.popleft()
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def add(
         self,
         response_id: str,

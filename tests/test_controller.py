@@ -369,6 +369,20 @@ def test_engine_error_fails_the_answer_and_the_session_goes_on() -> None:
     assert second != response
 
 
+def test_a_turn_over_the_context_clears_the_history_so_the_next_one_fits() -> None:
+    s = Session()
+    s.answer("Fine.")
+    assert len(s.ctl.history.turns()) == 1
+    request = s.segment(32000, 48000)
+    response = one(s.send(TokenDelta(request, (QUERY,), "☞")), ResponseStarted).response_id
+    actions = s.send(GenerationEnded(request, "error", "the prompt is 5000 tokens", code="context_length_exceeded"))
+    assert one(actions, ResponseDone) == ResponseDone(response, "failed", "context_length_exceeded")
+    assert one(actions, Error).code == "context_length_exceeded" and "history was cleared" in one(actions, Error).message
+    assert s.ctl.history.turns() == ()  # neither the refused turn nor the one before it
+    _, second = s.answer("Again.")
+    assert second != response and len(s.ctl.history.turns()) == 1
+
+
 def test_probe_error_is_only_an_error_notice() -> None:
     s = Session()
     request = s.segment()

@@ -117,7 +117,8 @@ def test_every_stage_is_timed(outputs: dict[str, subprocess.CompletedProcess[str
     )
     assert rows[STAGES[9]][1] == pytest.approx(rows[STAGES[0]][1] + rows[STAGES[4]][1], abs=0.02)
     # first audio = the prompt pass + 30 AR steps (the first window: 20 kept + 10 padding tokens) + TiCodec
-    assert rows[VOICE[3]][1] == pytest.approx(rows[VOICE[0]][1] + 30 * rows[VOICE[1]][1] + rows[VOICE[2]][1], abs=0.05)
+    # the row sums unrounded values; each printed value is rounded to 0.01, and the AR step counts 30 times
+    assert rows[VOICE[3]][1] == pytest.approx(rows[VOICE[0]][1] + 30 * rows[VOICE[1]][1] + rows[VOICE[2]][1], abs=0.2)
     assert rows[VOICE[2]][0] == f"{30 * 600} samples"  # TiCodec really decoded the window: 600 per token
 
 

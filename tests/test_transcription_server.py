@@ -467,7 +467,12 @@ class TestCascade:
                 await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 9600]).decode())
             done = await s.until(lambda e: e["type"] == "response.done", 120)
             verdicts = [(e["kind"], e["ignored"], e["reason"]) for e in s.of_type("vita.segment.classified")]
-            assert verdicts == [("noise", True, "noise"), ("query", False, None)], verdicts
+            # The mumble is judged noise; on a loaded machine its transcript may come back after the question's
+            # segment began, and then the controller supersedes it instead (ignored either way, never answered).
+            assert sorted(verdicts, key=str) in (
+                [("noise", True, "noise"), ("query", False, None)],
+                [("query", False, None), ("unknown", True, "superseded")],
+            ), verdicts
             answer = done["response"]["output"][0]["content"][0]["text"]
             print(f"\nheard {[r['text'] for r in app.state.requests]}; answered {answer!r}")
             assert done["response"]["status"] == "completed" and "Paris" in answer
