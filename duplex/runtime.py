@@ -91,8 +91,8 @@ class VadHub:
     as a batch of dozens (the batched graph pays off from ~16 rows; bench/vad_streams.py)."""
 
     def __init__(self, model: SileroModel | None = None, coalesce_from: int = 16,
-                 coalesce_s: float = 0.010) -> None:
-        self._bank = VadBank(model or SileroModel())
+                 coalesce_s: float = 0.010, *, scan_all: bool = False) -> None:
+        self._bank = VadBank(model or SileroModel(), scan_all=scan_all)
         self._sinks: dict[Hashable, Callable[[VadEvent], None]] = {}
         self._detached: dict[Hashable, Any] = {}  # streams being scored in a thread (push_offloaded)
         self._scheduled = False

@@ -21,6 +21,7 @@ pulls in torch and sets torch to one thread for the whole process.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import os
 from collections import deque
@@ -347,30 +348,46 @@ class VadBank:
     ~10% less per window than 1024-row ones (smaller intermediates stay in cache; bench/vad_streams.py).
     """
 
-    def __init__(self, model: SileroModel | None = None, max_batch: int | None = 256) -> None:
+    def __init__(self, model: SileroModel | None = None, max_batch: int | None = 256, *,
+                 scan_all: bool = False) -> None:
         self.model = model if model is not None else SileroModel()
         self.max_batch = max_batch
+        self.scan_all = scan_all  # True: every round checks every stream (before issue 14; for benchmarks)
         self._streams: dict[Hashable, VadStream] = {}
+        self._rank: dict[Hashable, int] = {}  # insertion order of the streams (rounds go in this order)
+        self._next_rank = itertools.count()
+        # Streams pushed to since their windows were last all scored: a round looks at these only, not at
+        # every stream (of a thousand open sessions, a few dozen have new audio at a 10 ms tick).
+        self._pushed: dict[Hashable, None] = {}
 
     def add_stream(self, stream_id: Hashable, params: VadParams | None = None) -> VadStream:
+        """A new stream; push its audio with `push` (the bank scores what was pushed through it)."""
         if stream_id in self._streams:
             raise KeyError(f"stream {stream_id!r} already exists")
         stream = VadStream(params)
         self._streams[stream_id] = stream
+        self._rank[stream_id] = next(self._next_rank)
         return stream
 
     def remove_stream(self, stream_id: Hashable) -> None:
         self._streams.pop(stream_id, None)
+        self._rank.pop(stream_id, None)
+        self._pushed.pop(stream_id, None)
 
     def detach(self, stream_id: Hashable) -> VadStream:
         """Take a stream out of the batched rounds (to score it elsewhere, e.g. in a thread); `attach` puts
         it back."""
-        return self._streams.pop(stream_id)
+        stream = self._streams.pop(stream_id)
+        self._rank.pop(stream_id, None)
+        self._pushed.pop(stream_id, None)
+        return stream
 
     def attach(self, stream_id: Hashable, stream: VadStream) -> None:
         if stream_id in self._streams:
             raise KeyError(f"stream {stream_id!r} already exists")
         self._streams[stream_id] = stream
+        self._rank[stream_id] = next(self._next_rank)
+        self._pushed[stream_id] = None
 
     def stream(self, stream_id: Hashable) -> VadStream:
         return self._streams[stream_id]
@@ -384,13 +401,20 @@ class VadBank:
     def push(self, stream_id: Hashable, samples: np.ndarray | Iterable[float]) -> None:
         """Buffer samples for one stream; scoring happens in `process`."""
         self._streams[stream_id].push(samples)
+        self._pushed[stream_id] = None
 
     def process(self) -> list[tuple[Hashable, VadEvent]]:
         """Score all full windows, one batched call per round, until no stream has a full window.
         Events of one stream come in time order; within a round, in stream insertion order."""
         events: list[tuple[Hashable, VadEvent]] = []
+        streams = self._streams
         while True:
-            ready = [(sid, s) for sid, s in self._streams.items() if s.windows_ready]
+            if self.scan_all:
+                ready = [(sid, s) for sid, s in streams.items() if s.windows_ready]
+            else:
+                ready = [(sid, streams[sid]) for sid in sorted(self._pushed, key=self._rank.__getitem__)
+                         if streams[sid].windows_ready]
+            self._pushed = dict.fromkeys(sid for sid, _ in ready)
             if not ready:
                 return events
             step = self.max_batch or len(ready)

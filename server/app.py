@@ -164,7 +164,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     state = AppState(
         settings=settings,
         pool=pool,
-        vad=VadHub(),
+        vad=VadHub(scan_all="vad" in settings.hot_path_off),
         metrics=Metrics(
             in_flight=lambda: float(pool.requests_in_flight()),
             engines_serving=lambda: float(len(pool.serving_engines())),

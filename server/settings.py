@@ -27,12 +27,13 @@ from pydantic_settings import (
 StrList = Annotated[list[str], NoDecode]
 
 # The realtime input path's CPU optimisations (issue 14), each on by default and switchable (hot_path_off).
-HotPath = Literal["ws", "append", "idle", "memcheck"]
+HotPath = Literal["ws", "append", "idle", "memcheck", "vad"]
 HOT_PATHS: dict[str, str] = {
     "ws": "uvicorn's sans-I/O WebSocket protocol reading ahead (server/ws_protocol.py); off: its legacy one",
     "append": "input_audio_buffer.append parsed without the general parser and pydantic, checked as strictly",
     "idle": "one idle timer per session instead of a timeout armed per received event",
     "memcheck": "an append is checked against the memory budget with an upper bound, exact once a second",
+    "vad": "the VAD's batched rounds look at the streams pushed to since, not at every open stream",
 }
 
 

@@ -10,7 +10,9 @@ hold more than `READ_AHEAD_BYTES` (or number more than `READ_AHEAD_MESSAGES`), s
 still held back by TCP, with a bounded queue, and one that keeps to real time costs no epoll change at all.
 
 Sends have TCP backpressure in the sans-I/O protocol since uvicorn 0.52.1 (`send` waits while the transport
-is paused for writing), so a client that stops reading still fills our per-session send queue and is closed.
+is paused for writing), so a client that stops reading still fills our per-session send queue and is closed;
+its socket, which uvicorn would keep open while the unread bytes wait to be flushed, is aborted after the
+close timeout, as uvicorn's legacy protocol does.
 `hot_path_off = ["ws"]` runs uvicorn's legacy protocol instead (bench/load.py --compare).
 """
 
@@ -55,6 +57,17 @@ class ReadAheadWebSocketProtocol(WebSocketsSansIOProtocol):
                                      or self.queue.qsize() > READ_AHEAD_MESSAGES):
             self.read_paused = True
             self.transport.pause_reading()
+
+    async def run_asgi(self) -> None:
+        await super().run_asgi()
+        # The application is done with the connection and uvicorn has closed the transport, which still
+        # flushes what is buffered first: a client that stopped reading would hold the socket (and the
+        # messages read ahead of it) for good. Abort it after the close timeout, as the legacy protocol does.
+        self.loop.call_later(self.close_timeout, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self.disconnected:
+            self.transport.abort()
 
     async def receive(self) -> Any:
         message = await self.queue.get()

@@ -1,6 +1,7 @@
 """The realtime input path's CPU optimisations (issue 14) change nothing a client can see: the append fast
 path accepts exactly what the general parser accepts, with the same result, and hands everything else to
-it; the per-session idle timer closes a session that went quiet, as the per-event timeout did."""
+it; the per-session idle timer closes a session that went quiet, as the per-event timeout did; the VAD's
+rounds over the streams pushed to give the same events, in the same order, as rounds over every stream."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from duplex.vad import SileroModel, VadBank, VadParams
 from server.realtime import RealtimeConnection, _Closing
 from server.wire.client_events import AudioAppend, parse_audio_append, parse_client_event
 from server.wire.errors import ProtocolError
+from tests.speech import compose
 
 APPEND = "input_audio_buffer.append"
 AUDIO = base64.b64encode(bytes(range(256)) * 4).decode()
@@ -113,3 +117,37 @@ async def test_the_idle_timer_closes_a_quiet_session_and_not_a_busy_one() -> Non
     quiet = loop.time() - connection._last_input
     assert 0.29 <= quiet < 0.6 and loop.time() - start >= 1.09
     assert (closed.value.code, closed.value.reason) == (1000, "idle for 0 s")
+
+
+def test_vad_rounds_over_pushed_streams_give_every_event_in_the_same_order() -> None:
+    speech, _ = compose([("silence", 0.4), ("speech", "What is the weather like in Paris today?"), ("silence", 1.0),
+                         ("speech", "And tomorrow?"), ("silence", 0.8)])
+    model = SileroModel()
+    rng = np.random.default_rng(14)
+    plan = []  # (stream, samples) pushes, with some streams idle for a while, one removed, one re-attached
+    offsets = {sid: int(rng.integers(0, speech.size)) for sid in range(12)}
+    for step in range(300):
+        for sid in rng.permutation(12)[: int(rng.integers(1, 12))]:
+            n = int(rng.choice([320, 480, 1000, 7, 2048]))
+            start = (offsets[sid] + step * 997) % (speech.size - n)
+            plan.append((int(sid), speech[start : start + n]))
+        plan.append(("process", None))
+    runs = []
+    for scan_all in (True, False):
+        bank = VadBank(model, max_batch=5, scan_all=scan_all)
+        for sid in range(12):
+            bank.add_stream(sid, VadParams(silence_duration_ms=200 + 50 * sid))
+        got, detached = [], None
+        for i, (sid, samples) in enumerate(plan):
+            if i == len(plan) // 3:
+                bank.remove_stream(3)
+            if i == len(plan) // 2:
+                detached = bank.detach(5)
+            if i == 2 * len(plan) // 3 and detached is not None:
+                bank.attach(5, detached)
+            if sid == "process":
+                got += [(s, type(e).__name__, e.start_sample) for s, e in bank.process()]
+            elif sid in bank:
+                bank.push(sid, samples)
+        runs.append(got)
+    assert len(runs[0]) > 50 and runs[0] == runs[1]
