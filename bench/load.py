@@ -78,10 +78,13 @@ from websockets.exceptions import ConnectionClosed
 
 from duplex.tts import resample
 from duplex.vad import SileroModel, VadParams, VadSpeechEnd, VadSpeechStart, VadStream
+from duplex.vad_worker import PROCESS_NAME
 from models.tiny import build_tiny
 from server.process import ServerProcess
 from server.resampling import StreamResampler
 from server.settings import HOT_PATHS, load_settings
+
+VAD_PROCESS_NAME = PROCESS_NAME.decode()
 from server.wire.audio_codec import AudioFormat, decode
 from tests.speech import compose
 
@@ -334,19 +337,23 @@ class Server(ServerProcess):
                 parts.append(f"{name} {p.memory_info().rss / 2**20:.0f}")
         return ", ".join(parts)
 
-    def cpu_seconds(self) -> tuple[float, float, float]:
-        """(main process, children, the main process's event-loop thread) user+sys CPU seconds. The loop runs
-        in the main thread (its id is the pid); the others are vLLM's input processing, the blocking pool..."""
-        main, kids, loop = 0.0, 0.0, 0.0
+    def cpu_seconds(self) -> tuple[float, float, float, float]:
+        """(main process, engine and other children, the main process's event-loop thread, the VAD worker
+        process) user+sys CPU seconds. The loop runs in the main thread (its id is the pid); the main process's
+        other threads are vLLM's input processing, the blocking pool...; the VAD worker is the child named
+        `duplex.vad_worker.PROCESS_NAME`."""
+        main, kids, loop, vad = 0.0, 0.0, 0.0, 0.0
         for p in self.tree():
             with contextlib.suppress(psutil.NoSuchProcess):
                 t = p.cpu_times()
                 if p.pid == self.ps.pid:
                     main = t.user + t.system
                     loop = sum(th.user_time + th.system_time for th in p.threads() if th.id == p.pid)
+                elif p.name() == VAD_PROCESS_NAME:
+                    vad += t.user + t.system
                 else:
                     kids += t.user + t.system
-        return main, kids, loop
+        return main, kids, loop, vad
 
 
 
@@ -484,6 +491,7 @@ class Outcome:
     label: str
     main_ms_per_s: float
     loop_ms_per_s: float
+    vad_ms_per_s: float
     dropped: int
     expected: int
     closed: int
@@ -491,7 +499,7 @@ class Outcome:
     stop_lag_p99: float
     start_lag_p99: float
     late_p99: float
-    cores: tuple[float, float, float]
+    cores: tuple[float, float, float, float]
 
 
 async def run_load(args: argparse.Namespace, label: str, env: dict[str, str], model: Path) -> Outcome:
@@ -601,11 +609,13 @@ async def run_load(args: argparse.Namespace, label: str, env: dict[str, str], mo
     wall = wall1 - wall0
     srv_main = (cpu1[0] - cpu0[0]) / wall
     srv_kids = (cpu1[1] - cpu0[1]) / wall
+    srv_vad = (cpu1[3] - cpu0[3]) / wall
     client_cpu = (my1.user + my1.system - my0.user - my0.system) / wall
     audio_s = sum(s.sent for s in sessions) * dt
     # server main-process CPU per session-second of audio, net of what the idle server uses
     main_ms_per_s = (cpu1[0] - cpu0[0] - idle_main * wall) / audio_s * 1e3
     loop_ms_per_s = (cpu1[2] - cpu0[2] - idle_loop * wall) / audio_s * 1e3  # of which the event-loop thread
+    vad_ms_per_s = (cpu1[3] - cpu0[3]) / audio_s * 1e3  # the VAD worker process (the model's calls), apart
     lag_ms = np.asarray(lag) * 1e3
     growth = rss_end[1] / rss_start[1] - 1
     steady = [r for t, r, _ in rss_samples if t >= args.seconds / 4]
@@ -633,7 +643,8 @@ async def run_load(args: argparse.Namespace, label: str, env: dict[str, str], mo
           + MODES[args.mode].format(tokens=args.max_tokens))
     print(f"HEADLINE server main-process CPU per session-second of audio: {main_ms_per_s:.2f} ms "
           f"(goal <= {GOAL_MS:g} ms at 100 sessions; 1 core = {1000 / main_ms_per_s:.0f} sessions; event-loop "
-          f"thread {loop_ms_per_s:.2f} ms, other threads {main_ms_per_s - loop_ms_per_s:.2f} ms)"
+          f"thread {loop_ms_per_s:.2f} ms, other threads {main_ms_per_s - loop_ms_per_s:.2f} ms; the VAD worker "
+          f"process {vad_ms_per_s:.2f} ms more, {main_ms_per_s + vad_ms_per_s:.2f} ms together)"
           + ("  [server behind, never caught up: an underestimate]" if behind else ""))
     print(f"server: {shown_command(server)}")
     print(f"load average before / after: {' '.join(f'{x:.1f}' for x in load_before)} / "
@@ -663,8 +674,10 @@ async def run_load(args: argparse.Namespace, label: str, env: dict[str, str], mo
          f"(main {rss_start[0]:.0f} -> {rss_end[0]:.0f}); after close {rss_after[1]:.0f}"), "", ""),
         ("server RSS growth start -> end / 25%-mark -> end", f"{growth * 100:+.1f} % / {steady_growth * 100:+.1f} %",
          "< 5 %", f"{growth / 0.05:.2f}"),
-        ("CPU cores used: server main / engines / client", f"{srv_main:.2f} / {srv_kids:.2f} / {client_cpu:.2f}", "",
-         ""),
+        ("VAD worker process CPU per session-second (ms)", (f"{vad_ms_per_s:.2f} (main + worker "
+         f"{main_ms_per_s + vad_ms_per_s:.2f})"), "", ""),
+        ("CPU cores used: server main / VAD worker / engines / client",
+         f"{srv_main:.2f} / {srv_vad:.2f} / {srv_kids:.2f} / {client_cpu:.2f}", "", ""),
         ("client loop lag p50 / p99 / max (ms)", f"{pct(lag_ms, 50):.1f} / {pct(lag_ms, 99):.1f} / {lag_ms.max():.0f}",
          "", ""),
     ]
@@ -687,8 +700,9 @@ async def run_load(args: argparse.Namespace, label: str, env: dict[str, str], mo
               "send lateness is partly the client's own, and the server saw less load than nominal.")
     if profiler is not None and profile_path is not None:
         print(f"\nprofile ({profile_path}):\n{profile_top(profile_path, args.profile_top, args.profile_rate, audio_s)}")
-    return Outcome(label, main_ms_per_s, loop_ms_per_s, missing + unmatched, expected_stops, len(closed), sum(errors.values()),
-                   pct(stop_lag_ms, 99), pct(start_lag, 99), pct(late, 99), (srv_main, srv_kids, client_cpu))
+    return Outcome(label, main_ms_per_s, loop_ms_per_s, vad_ms_per_s, missing + unmatched, expected_stops, len(closed),
+                   sum(errors.values()), pct(stop_lag_ms, 99), pct(start_lag, 99), pct(late, 99),
+                   (srv_main, srv_vad, srv_kids, client_cpu))
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -709,13 +723,15 @@ async def main(args: argparse.Namespace) -> None:
         print(f"\n=== comparison: {args.sessions} sessions x {args.seconds:.0f} s, "
               f"{MODES[args.mode].format(tokens=args.max_tokens)}; "
               "switches:\n" + "\n".join(f"  {k}: {v}" for k, v in SWITCHES.items()))
-        print(f"{'config':<22} {'main ms/session-s':>17} {'vs first':>8} {'loop thread':>11} {'dropped':>12} {'closed':>6} {'errors':>6} "
-              f"{'VAD lag p99 start/stop ms':>26} {'send late p99':>13} {'cores main/eng/client':>22}")
+        print(f"{'config':<22} {'main ms/session-s':>17} {'vs first':>8} {'loop thread':>11} {'+VAD proc':>9} "
+              f"{'dropped':>12} {'closed':>6} {'errors':>6} "
+              f"{'VAD lag p99 start/stop ms':>26} {'send late p99':>13} {'cores main/vad/eng/client':>26}")
         for o in outcomes:
             print(f"{o.label:<22} {o.main_ms_per_s:>17.2f} {o.main_ms_per_s / outcomes[0].main_ms_per_s:>7.2f}x "
-                  f"{o.loop_ms_per_s:>11.2f} {f'{o.dropped}/{o.expected}':>12} {o.closed:>6} {o.errors:>6} "
+                  f"{o.loop_ms_per_s:>11.2f} {o.vad_ms_per_s:>9.2f} "
+                  f"{f'{o.dropped}/{o.expected}':>12} {o.closed:>6} {o.errors:>6} "
                   f"{f'{o.start_lag_p99:.1f} / {o.stop_lag_p99:.1f}':>26} {o.late_p99:>13.1f} "
-                  f"{' / '.join(f'{c:.2f}' for c in o.cores):>22}")
+                  f"{' / '.join(f'{c:.2f}' for c in o.cores):>26}")
 
 
 if __name__ == "__main__":

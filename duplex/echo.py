@@ -142,6 +142,8 @@ class EchoCheck:
 
 
 def _as_float32(samples: np.ndarray) -> np.ndarray:
+    if type(samples) is np.ndarray and samples.ndim == 1 and samples.dtype == np.float32:
+        return samples  # what the rest returns for it (the common case: decoded, resampled audio)
     x = np.asarray(samples)
     if x.ndim != 1:
         raise ValueError(f"expected mono 1-D samples, got shape {x.shape}")
@@ -586,24 +588,27 @@ class EchoGate:
 
     def push_mic(self, samples: np.ndarray) -> list[Event]:
         x = _as_float32(samples)
-        size = self._ring.size
-        if x.size > size:
-            self._end += x.size - size
-            x = x[-size:]
-        while x.size:
-            i = self._end % size
-            n = min(x.size, size - i)
-            self._ring[i : i + n] = x[:n]
-            self._end += n
-            x = x[n:]
-        gp = self.guard.params
-        self.guard.forget_before(self.mic_end - gp.history_s * gp.mic_rate)
+        ring = self._ring
+        size, n = ring.size, x.size
+        if n > size:
+            self._end += n - size
+            x, n = x[-size:], size
+        i = self._end % size
+        if i + n <= size:  # one slice (a 20 ms chunk wraps once per ring's length)
+            ring[i : i + n] = x
+        else:
+            ring[i:] = x[: size - i]
+            ring[: i + n - size] = x[size - i :]
+        end = self._end = self._end + n
+        guard = self.guard
+        gp = guard.params
+        guard.forget_before(end - gp.history_s * gp.mic_rate)
         seg = self._seg
         if seg is None:
             return []
-        if seg.state == "pending" and self.mic_end >= seg.onset + self._decision:
+        if seg.state == "pending" and end >= seg.onset + self._decision:
             return self._decide(seg, seg.onset + self._decision)
-        if seg.state == "echo" and self.mic_end >= seg.next_check:
+        if seg.state == "echo" and end >= seg.next_check:
             return self._recheck(seg)
         return []
 

@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -62,10 +62,13 @@ from .events import (
 from .sentences import SentenceChunker
 from .transcription import NoTranscription, SessionTranscripts, Transcriber, is_noise_transcript
 from .tts import TextToSpeech, resample
-from .vad import SileroModel, VadBank, VadEvent, VadParams, VadSpeechEnd
+from .vad import VadEvent, VadParams, VadSpeechEnd
+from .vad_hub import VadHub
 
 log = logging.getLogger(__name__)
 
+
+__all__ = ["DuplexSession", "RuntimeSettings", "VadHub", "state_tokens_for"]
 
 # Runs fn(*args) off the event loop and returns its result (the server passes its bounded executor).
 RunBlocking = Callable[..., Awaitable[Any]]
@@ -79,104 +82,6 @@ class Engine(Protocol):
     def generate(self, prompt: EngineInput, request_id: str | None = ..., sampling: Sampling = ...) -> Any: ...
 
     async def abort(self, request_id: str) -> None: ...
-
-
-class VadHub:
-    """One silero model and one `VadBank` shared by all sessions: whoever pushes audio runs a batched
-    ONNX call over every stream with a window ready, so hundreds of sessions share a core.
-
-    With few streams the call runs on the next event-loop turn (no added latency). From
-    ``coalesce_from`` streams on, pushes are gathered for ``coalesce_s`` first: sessions push at
-    different moments, so one loop turn holds only a few windows, and a batch of one costs as much
-    as a batch of dozens (the batched graph pays off from ~16 rows; bench/vad_streams.py)."""
-
-    def __init__(self, model: SileroModel | None = None, coalesce_from: int = 16,
-                 coalesce_s: float = 0.010, *, scan_all: bool = False) -> None:
-        self._bank = VadBank(model or SileroModel(), scan_all=scan_all)
-        self._sinks: dict[Hashable, Callable[[VadEvent], None]] = {}
-        self._detached: dict[Hashable, Any] = {}  # streams being scored in a thread (push_offloaded)
-        self._scheduled = False
-        self.coalesce_from = coalesce_from
-        self.coalesce_s = coalesce_s
-
-    def add(self, stream_id: Hashable, params: VadParams, sink: Callable[[VadEvent], None]) -> None:
-        self._detached.pop(stream_id, None)
-        self._bank.add_stream(stream_id, params)
-        self._sinks[stream_id] = sink
-
-    def remove(self, stream_id: Hashable) -> None:
-        self._bank.remove_stream(stream_id)
-        self._sinks.pop(stream_id, None)
-        self._detached.pop(stream_id, None)
-
-    def push(self, stream_id: Hashable, samples: np.ndarray) -> None:
-        """Buffer audio; all streams pushed during one event-loop turn are scored in one batched call
-        at the start of the next turn (one call per push would score one window at a time)."""
-        if stream_id not in self._sinks:
-            return
-        self._bank.push(stream_id, samples)
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no event loop (scripts, pure tests): score now
-            self._process()
-            return
-        self._scheduled = True
-        if len(self._sinks) >= self.coalesce_from:
-            loop.call_later(self.coalesce_s, self._process)
-        else:
-            loop.call_soon(self._process)
-
-    def _process(self) -> None:
-        self._scheduled = False
-        for sid, event in self._bank.process():
-            sink = self._sinks.get(sid)
-            if sink is not None:
-                sink(event)
-
-    async def push_offloaded(self, stream_id: Hashable, samples: np.ndarray, run: RunBlocking) -> None:
-        """`push` for a long stretch (seconds of audio at once): the stream is taken out of the batched
-        rounds and scored through `run` (a thread pool), so the event loop serves other sessions meanwhile.
-        Its events then go to its sink, in order; the caller pushes nothing else to it until this returns."""
-        if stream_id not in self._sinks:
-            return
-        stream = self._bank.detach(stream_id)
-        self._detached[stream_id] = stream
-        try:
-            stream.push(samples)
-            events = await run(stream.process, self._bank.model)
-        except BaseException:
-            # Cancelled (the session is closing) or failed: the thread may still hold the stream, so it is
-            # not put back; a failure leaves the session a fresh stream.
-            if self._detached.pop(stream_id, None) is stream and stream_id in self._sinks:
-                self._bank.add_stream(stream_id, stream.params)
-            raise
-        if self._detached.get(stream_id) is not stream:  # removed (session closed) meanwhile
-            return
-        del self._detached[stream_id]
-        self._bank.attach(stream_id, stream)
-        sink = self._sinks.get(stream_id)
-        for event in events:
-            if sink is not None:
-                sink(event)
-
-    def held_bytes(self, stream_id: Hashable) -> int:
-        """Audio the stream holds (buffered input, the open segment)."""
-        stream = self._detached.get(stream_id)
-        if stream is None and stream_id in self._bank:
-            stream = self._bank.stream(stream_id)
-        return 0 if stream is None else stream.held_bytes()
-
-    def flush(self, stream_id: Hashable) -> list[VadEvent]:
-        """End the stream's speech now (a manual commit); the events also go to its sink."""
-        if stream_id not in self._sinks:
-            return []
-        self._process()  # windows already buffered come first
-        events = self._bank.flush(stream_id)
-        for event in events:
-            self._sinks[stream_id](event)
-        return events
 
 
 @dataclass

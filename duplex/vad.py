@@ -359,6 +359,9 @@ class VadBank:
         # Streams pushed to since their windows were last all scored: a round looks at these only, not at
         # every stream (of a thousand open sessions, a few dozen have new audio at a 10 ms tick).
         self._pushed: dict[Hashable, None] = {}
+        # Rank of the last stream a capped round took (None: the last round took every ready stream), so
+        # the next round starts after it and no stream waits behind others' backlog.
+        self._resume_after: int | None = None
 
     def add_stream(self, stream_id: Hashable, params: VadParams | None = None) -> VadStream:
         """A new stream; push its audio with `push` (the bank scores what was pushed through it)."""
@@ -407,30 +410,49 @@ class VadBank:
         """Score all full windows, one batched call per round, until no stream has a full window.
         Events of one stream come in time order; within a round, in stream insertion order."""
         events: list[tuple[Hashable, VadEvent]] = []
-        streams = self._streams
-        while True:
-            if self.scan_all:
-                ready = [(sid, s) for sid, s in streams.items() if s.windows_ready]
-            else:
-                ready = [(sid, streams[sid]) for sid in sorted(self._pushed, key=self._rank.__getitem__)
-                         if streams[sid].windows_ready]
-            self._pushed = dict.fromkeys(sid for sid, _ in ready)
-            if not ready:
-                return events
-            step = self.max_batch or len(ready)
-            for i in range(0, len(ready), step):
-                self._score(ready[i : i + step], events)
+        while group := self.take_round():
+            windows = [w for _, _, w in group]
+            probs, states = self.model.run_batch(np.stack(windows),
+                                                 np.concatenate([s.state for _, s, _ in group], axis=1))
+            events += self.finish_round(group, probs, states)
+        return events
 
-    def _score(
-        self, group: list[tuple[Hashable, VadStream]], events: list[tuple[Hashable, VadEvent]]
-    ) -> None:
-        windows = [s._take_window() for _, s in group]
-        states = np.concatenate([s.state for _, s in group], axis=1)
-        probs, new_states = self.model.run_batch(np.stack(windows), states)
-        for j, ((sid, s), w) in enumerate(zip(group, windows)):
-            # copy: a view would pin the whole batch's state array until every stream moved on
-            for ev in s._accept(w, float(probs[j]), new_states[:, j : j + 1, :].copy()):
+    def take_round(self, max_rows: int | None = None) -> list[tuple[Hashable, VadStream, np.ndarray]]:
+        """The next round: one window from each stream that has one (at most ``max_rows``, else
+        ``max_batch``), in stream insertion order; each must come back through `finish_round` before that
+        stream's next round. The model may run anywhere meanwhile (`duplex.vad_worker`)."""
+        streams = self._streams
+        if self.scan_all:
+            ready = [sid for sid, s in streams.items() if s.windows_ready]
+        else:
+            ready = [sid for sid in sorted(self._pushed, key=self._rank.__getitem__) if streams[sid].windows_ready]
+        # Every ready stream stays marked: it may hold more windows than this round takes.
+        self._pushed = dict.fromkeys(ready)
+        cap = max_rows or self.max_batch or len(ready)
+        if self._resume_after is not None:  # the last capped round stopped there: the streams after it go first
+            rank = self._rank.get
+            first = next((i for i, sid in enumerate(ready) if rank(sid, -1) > self._resume_after), 0)
+            ready = ready[first:] + ready[:first]
+        self._resume_after = self._rank[ready[cap - 1]] if len(ready) > cap else None
+        return [(sid, s, s._take_window()) for sid in ready[:cap] for s in (streams[sid],)]
+
+    def finish_round(self, group: list[tuple[Hashable, VadStream, np.ndarray]], probs: np.ndarray,
+                     states: np.ndarray) -> list[tuple[Hashable, VadEvent]]:
+        """Advance each stream of a round by its window's probability and new state ``states[:, j]``.
+        A stream removed (or replaced) since `take_round` is skipped."""
+        events: list[tuple[Hashable, VadEvent]] = []
+        streams = self._streams
+        for j, (sid, s, w) in enumerate(group):
+            if streams.get(sid) is not s:
+                continue
+            # copy: a view would pin the whole round's state array (or the worker's shared memory)
+            for ev in s._accept(w, float(probs[j]), states[:, j : j + 1, :].copy()):
                 events.append((sid, ev))
+        return events
+
+    def has_pending(self) -> bool:
+        """Whether a stream pushed to may have a window to score (a cheap check: `take_round` decides)."""
+        return bool(self._pushed) or self.scan_all
 
     def flush(self, stream_id: Hashable) -> list[VadEvent]:
         """Score the stream's remaining full windows on their own, then close its open segment."""

@@ -134,26 +134,72 @@ def _apply(kernel: SincKernel, buf: np.ndarray) -> np.ndarray:
     return np.concatenate([(windows[b : b + _BLOCKS_PER_MATMUL] @ kernel.matrix).reshape(-1) for b in parts])
 
 
+_CHUNK_CAPACITY = 4096  # input samples a chunk may have to go through the preallocated buffer (larger: a copy)
+
+
+def _group_size(kernel: SincKernel) -> int:
+    """Blocks per row of the grouped product `StreamingResampler` uses (1: the plain one, as `_apply`).
+
+    The product alone, per 20 ms chunk (thread CPU, this project's CPU), plain vs copied in groups: 24 -> 16 kHz
+    4.0 vs 2.5 us (4 blocks a row); 8 -> 16 kHz 3.3 vs 2.1 (8); 24 -> 8 kHz 5.7 vs 2.6 (4); 16 -> 24 kHz 3.5
+    vs 2.6 (4). Rows grow by `orig` samples per block: groups only while a row stays within ~12 + taps."""
+    return 1 << max(0, min(3, (12 // kernel.orig).bit_length() - 1))
+
+
+@lru_cache(maxsize=16)
+def _grouped_matrix(kernel: SincKernel, group: int) -> np.ndarray:
+    """The kernel for `group` consecutive blocks at once: rows of ``orig * (group - 1) + taps`` input samples
+    (block b's window starts ``orig * b`` into the row) -> ``new * group`` outputs in their order. Block b's
+    columns hold the kernel at its window's rows and zeros elsewhere: the same products, plus exact zeros."""
+    rows, cols = kernel.orig * (group - 1) + kernel.taps, kernel.new * group
+    matrix = np.zeros((rows, cols), np.float32)
+    for b in range(group):
+        matrix[kernel.orig * b : kernel.orig * b + kernel.taps, kernel.new * b : kernel.new * (b + 1)] = kernel.matrix
+    matrix.setflags(write=False)
+    return matrix
+
+
+# (into, fill after, windows, their rows' copy, the last blocks' windows, held-back samples: to, from): views
+# of a StreamingResampler's buffer for one (fill, chunk size), see `_make_plan`.
+_Plan = tuple[np.ndarray, int, np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None,
+              np.ndarray | None]
+
+
 class StreamingResampler:
     """Mono chunk-by-chunk resampling whose concatenated output equals `resample` of the whole stream.
 
     Each output block needs ``width + orig`` input samples to its right, so a chunk's output lags its
     input by that much (24 -> 16 kHz: 13 input samples, 0.54 ms); `flush` ends the stream with the
     offline zero padding, returns the held-back tail and makes the resampler ready for a new stream.
-    Each call is one float32 matmul over the new complete windows (numpy: no torch dispatch per 20 ms
-    chunk); it agrees with `resample` to float32 rounding (~1e-7). About 9 us per 20 ms chunk at
-    24 -> 16 kHz on this project's CPU (soxr's stream: ~6.5 us).
+
+    Per chunk (issue 14: 20 ms of it, fifty times a second per session, in the server's event loop): the
+    held-back samples and the chunk share one preallocated buffer; the complete windows are copied, `group`
+    consecutive blocks to a row, into a contiguous matrix and multiplied by the kernel for that many blocks
+    (`_grouped_matrix`) in one BLAS product (numpy's product over the strided windows themselves cannot use
+    BLAS: its rows overlap); the views and the matrix are kept while chunks keep their size. The sums are
+    those of `_apply` (the same kernel, the same windows, plus products with exact zeros) in BLAS's order:
+    equal to `resample` to float32 rounding (~2e-7; tests/test_resample.py). ~4 us per 20 ms chunk at
+    24 -> 16 kHz on this project's CPU, against 9 us with a concatenation, a new view and numpy's own
+    product per call (bench/hot_path.py; soxr's stream: ~6.5 us). Samples must be finite (audio is): a
+    row's zero coefficients would turn an inf nearby into NaN where `_apply` gives inf.
     """
 
     def __init__(self, orig_rate: int, new_rate: int) -> None:
         _check_rates(orig_rate, new_rate)
         self.orig_rate, self.new_rate = int(orig_rate), int(new_rate)
-        self._kernel = None if self.orig_rate == self.new_rate else sinc_kernel(self.orig_rate, self.new_rate)
+        kernel = self._kernel = None if self.orig_rate == self.new_rate else sinc_kernel(self.orig_rate, self.new_rate)
+        # buf[:fill] holds the input not yet consumed (fewer than `taps` samples between calls).
+        self._buf = np.zeros(0 if kernel is None else kernel.taps + _CHUNK_CAPACITY, np.float32)
+        self._group = 1 if kernel is None else _group_size(kernel)
+        self._grouped = None if kernel is None or self._group == 1 else _grouped_matrix(kernel, self._group)
+        self._matrix = None if kernel is None else kernel.matrix
         self._reset()
 
     def _reset(self) -> None:
-        width = self._kernel.width if self._kernel is not None else 0
-        self._pending = np.zeros(width, dtype=np.float32)  # starts with the offline left zero padding
+        self._fill = self._kernel.width if self._kernel is not None else 0  # the offline left zero padding
+        self._buf[: self._fill] = 0.0
+        self._plan_key = (-1, -1)  # `_plan` is for appending _plan_key[1] samples to buf[:_plan_key[0]]
+        self._plan: _Plan | None = None
         self._received = 0  # input samples of this stream
         self._emitted = 0  # output samples of this stream
 
@@ -164,29 +210,83 @@ class StreamingResampler:
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         """Feed the next chunk; returns every output sample that no longer depends on future input."""
-        chunk = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if type(samples) is not np.ndarray or samples.ndim != 1 or samples.dtype != np.float32:
+            samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         if self._kernel is None:
-            return chunk
-        self._received += chunk.size
-        # `_pending` is never empty (it holds at least 2 * width samples), so `buf` is always a new array
-        # of ours and `_run` may keep a view of it.
-        return self._run(np.concatenate((self._pending, chunk)))
+            return samples.reshape(-1)
+        self._received += samples.size
+        return self._run(samples)
 
     def flush(self) -> np.ndarray:
         """End the stream: the remaining output (zero padding on the right, as offline), then reset."""
         kernel = self._kernel
         if kernel is None:
             return np.zeros(0, dtype=np.float32)
-        tail = self._run(np.concatenate((self._pending, np.zeros(kernel.width + kernel.orig, np.float32))))
+        tail = self._run(np.zeros(kernel.width + kernel.orig, np.float32))
         tail = tail[: max(0, kernel.output_length(self._received) - (self._emitted - tail.size))]
         self._reset()
         return tail
 
-    def _run(self, buf: np.ndarray) -> np.ndarray:
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        """Append a float32 chunk to buf[:fill]; the output of every complete block, which it consumes."""
+        key = (self._fill, chunk.size)
+        plan = self._plan if key == self._plan_key else self._make_plan(*key)
+        if plan is None:  # a long chunk: through a new array, as one offline call would
+            return self._run_long(chunk)
+        into, fill, windows, rows, tail, keep, kept = plan
+        into[...] = chunk
+        self._fill = fill
+        if windows is None:  # not one complete window yet
+            return np.zeros(0, dtype=np.float32)
+        if rows is None:  # no grouping: `_apply`'s product
+            out = (windows @ self._matrix).ravel()
+        else:
+            np.copyto(rows, windows)
+            out = np.dot(rows, self._grouped).ravel()
+            if tail is not None:  # blocks beyond the last whole group (an odd chunk size)
+                out = np.concatenate((out, (tail @ self._matrix).ravel()))
+        keep[...] = kept  # the held-back input to the buffer's front (numpy copies overlaps safely)
+        self._emitted += out.size
+        return out
+
+    def _make_plan(self, fill: int, size: int) -> _Plan | None:
+        """Views of the buffer for `size` samples appended to buf[:fill] (None: they do not fit): where they go,
+        the samples held back afterwards, the complete windows (grouping: rows of `group` blocks, the matrix
+        those are copied to and the windows of the blocks after the last whole group), and where the
+        held-back samples go from where."""
+        kernel, buf, group = self._kernel, self._buf, self._group
+        assert kernel is not None
+        end = fill + size
+        if end > buf.size:
+            return None
+        self._plan_key = (fill, size)
+        into = buf[fill:end]
+        if end < kernel.taps:
+            self._plan = (into, end, None, None, None, None, None)
+            return self._plan
+        blocks = (end - kernel.taps) // kernel.orig + 1
+        step, used = buf.strides[0], blocks * kernel.orig
+        keep, kept = buf[: end - used], buf[used:end]
+        if group == 1:
+            windows = np.ndarray((blocks, kernel.taps), np.float32, buffer=buf, strides=(step * kernel.orig, step))
+            self._plan = (into, end - used, windows, None, None, keep, kept)
+            return self._plan
+        count, width = blocks // group, kernel.orig * (group - 1) + kernel.taps
+        grouped = np.ndarray((count, width), np.float32, buffer=buf, strides=(step * kernel.orig * group, step))
+        tail = None
+        if blocks % group:
+            tail = np.ndarray((blocks % group, kernel.taps), np.float32, buffer=buf,
+                              offset=count * group * kernel.orig * step, strides=(step * kernel.orig, step))
+        self._plan = (into, end - used, grouped, np.empty((count, width), np.float32), tail, keep, kept)
+        return self._plan
+
+    def _run_long(self, chunk: np.ndarray) -> np.ndarray:
         kernel = self._kernel
         assert kernel is not None
-        out = _apply(kernel, buf)
-        blocks = out.size // kernel.new
-        self._pending = buf[blocks * kernel.orig :]  # a view: buf is always our own array
+        whole = np.concatenate((self._buf[: self._fill], chunk))
+        out = _apply(kernel, whole)
+        rest = whole[out.size // kernel.new * kernel.orig :]
+        self._buf[: rest.size] = rest
+        self._fill = rest.size
         self._emitted += out.size
         return out

@@ -161,14 +161,16 @@ def _install_task_dump() -> bool:
 
 def create_app(settings: ServerSettings) -> FastAPI:
     pool = EnginePool(settings, [])
+    vad = VadHub(scan_all="vad" in settings.hot_path_off)
     state = AppState(
         settings=settings,
         pool=pool,
-        vad=VadHub(scan_all="vad" in settings.hot_path_off),
+        vad=vad,
         metrics=Metrics(
             in_flight=lambda: float(pool.requests_in_flight()),
             engines_serving=lambda: float(len(pool.serving_engines())),
             degraded=lambda: float(pool.degraded),
+            vad_worker=lambda: float(vad.worker_ready),
         ),
         tts_factory=make_tts_factory(settings, pool),
         transcriber=make_transcriber(settings),
@@ -196,6 +198,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Engines load in the background so /health answers at once and /ready says when to route.
         task = asyncio.create_task(start_engines())
+        if "vadproc" not in settings.hot_path_off:
+            try:
+                vad.start_worker()  # ready in a second or two; until then the VAD scores on the loop
+            except OSError as exc:
+                log.error("the VAD worker process did not start (%s); the VAD runs on the event loop", exc)
         lag = asyncio.create_task(state.metrics.watch_loop_lag(), name="loop-lag")
         dumping = _install_task_dump()
         yield
@@ -205,6 +212,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             background.cancel()
             with contextlib.suppress(BaseException):
                 await background
+        vad.close()
         await pool.shutdown()
         await state.transcriber.aclose()
         if state.executor is not None:

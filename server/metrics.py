@@ -17,6 +17,7 @@ class Metrics:
         in_flight: Callable[[], float],
         engines_serving: Callable[[], float] = lambda: 0.0,
         degraded: Callable[[], float] = lambda: 0.0,
+        vad_worker: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.registry = CollectorRegistry()
         self.sessions = Gauge("vita_sessions", "open realtime sessions", registry=self.registry)
@@ -55,6 +56,10 @@ class Metrics:
             "vita_engines_degraded", "1 while an engine is down and the others serve its role (/ready stays 200)",
             registry=self.registry,
         ).set_function(degraded)
+        Gauge(
+            "vita_vad_worker", "1 while the VAD's model runs in its worker process, 0 while on the event loop",
+            registry=self.registry,
+        ).set_function(vad_worker)
         self.engine_restarts = Counter(
             "vita_engine_restarts_total", "engines restarted after their process died", registry=self.registry
         )

@@ -75,6 +75,7 @@ from .wire.inline_data import InlineDataError, decode_base64, decode_inline
 from .wire.items import UserPart
 from .wire.server_events import ServerEvent, ServerEventEncoder
 from .wire.vita_events import VitaEvent
+from .ws_protocol import TEXT_CONSUMER_EXTENSION
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -202,6 +203,14 @@ class RealtimeConnection:
         # Issue 14's input-path optimisations, each switchable (settings.hot_path_off) for bench/load.py.
         self._fast_append = "append" not in s.hot_path_off
         self._idle_timer = "idle" not in s.hot_path_off
+        # Appends taken in the transport's callback (_take_directly) when the protocol offers it; it relies on
+        # the fast parser and on the idle timer (_read's receive has no timeout around it then).
+        self._direct = "direct" not in s.hot_path_off and self._fast_append and self._idle_timer
+        self._waiting = False  # _read waits in receive() with every earlier event handled
+        # A text within both size bounds _read checks first (the event limit, the offload threshold), counted
+        # in characters: at most 4 UTF-8 bytes each.
+        self._direct_chars = min(s.max_event_bytes, limits.OFFLOAD_EVENT_BYTES) // 4
+        self._loop_time: Callable[[], float] = time.monotonic
         self._last_input = 0.0  # loop time of the last client event (the idle timer reads it)
         self._bound_memory = "memcheck" not in s.hot_path_off
         self._held_bound = 0  # >= what the session holds: the last exact figure plus the audio appended since
@@ -222,6 +231,10 @@ class RealtimeConnection:
         ]
         if self._idle_timer:
             tasks.append(asyncio.create_task(self._watch_idle(), name="idle"))
+        consumer = self.ws.scope.get("extensions", {}).get(TEXT_CONSUMER_EXTENSION) if self._direct else None
+        if consumer is not None:
+            self._loop_time = asyncio.get_running_loop().time
+            consumer["register"](self._take_directly)
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -232,6 +245,8 @@ class RealtimeConnection:
                     log.error("session failed", exc_info=exc)
                     self._closing = self._closing or _Closing(1011, "internal error")
         finally:
+            if consumer is not None:
+                consumer["register"](None)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -313,7 +328,11 @@ class RealtimeConnection:
         loop = asyncio.get_running_loop()
         while True:
             if self._idle_timer:  # _watch_idle ends an idle session
-                message = await self.ws.receive()
+                self._waiting = True  # _take_directly may handle what comes now
+                try:
+                    message = await self.ws.receive()
+                finally:
+                    self._waiting = False
                 self._last_input = loop.time()
             else:
                 try:
@@ -353,6 +372,31 @@ class RealtimeConnection:
                 log.warning("event refused past the parser", exc_info=exc)
                 self._error(ErrorCode.INVALID_VALUE, str(exc)[:500])
 
+    def _take_directly(self, text: str) -> bool:
+        """The WebSocket protocol's text consumer (server/ws_protocol.py): a small append that arrives while
+        `_read` waits with nothing queued is handled here, in the transport's callback, exactly as `_read`
+        would handle it (the same checks, handler and errors); anything else returns False and is queued for
+        `_read`. Saves the queue, a task switch and the ASGI receive chain per 20 ms event (issue 14)."""
+        if not self._waiting or self._closing is not None or len(text) > self._direct_chars:
+            return False
+        append = parse_audio_append(text)
+        if append is None or len(append.audio) > limits.OFFLOAD_AUDIO_CHARS:
+            return False
+        self._last_input = self._loop_time()
+        try:
+            self._on_append(append)  # small: never returns an awaitable (checked above)
+        except ProtocolError as exc:
+            self._refuse(exc)
+        except ValueError as exc:
+            log.warning("event refused past the parser", exc_info=exc)
+            self._error(ErrorCode.INVALID_VALUE, str(exc)[:500])
+        except Exception as exc:  # what would have ended _read ends the session the same way
+            log.error("session failed", exc_info=exc)
+            self._closing = self._closing or _Closing(1011, "internal error")
+            for task in self._tasks:
+                task.cancel()
+        return True
+
     def _handle(self, event: Any) -> Awaitable[None] | None:
         handler = {
             SessionUpdate: self._on_session_update,
@@ -381,10 +425,11 @@ class RealtimeConnection:
         """`_check_memory` for an append (fifty a second): while an upper bound of what the session holds (the
         exact figure at the last check plus every append since) stays under the budget it decides; the exact
         figure is taken again once a second, and always before refusing, so the answers are the same."""
-        if self._bound_memory and self._held_bound + more <= self.memory_budget \
-                and time.monotonic() - self._held_checked < 1.0:
-            self._held_bound += more
-            return
+        if self._bound_memory:
+            bound = self._held_bound + more
+            if bound <= self.memory_budget and time.monotonic() - self._held_checked < 1.0:
+                self._held_bound = bound
+                return
         self._check_memory(more, "this audio", "audio", event_id)
 
     def _check_memory(self, more: int, what: str, param: str | None, event_id: str | None) -> None:
@@ -403,10 +448,11 @@ class RealtimeConnection:
         """Samples in `raw` at the input format's rate, refusing (before decoding) more than one turn holds."""
         fmt = self.config.input_format
         count = len(raw) // 2 if fmt.encoding == "pcm16" else len(raw)
-        problem = limits.audio_duration_problem(count, fmt.rate, self.state.settings.max_buffered_audio_s,
-                                                "the audio of one event")
-        if problem is not None:
-            raise ProtocolError(ErrorCode.INVALID_AUDIO, f"{problem}; send audio in chunks", param, event_id)
+        longest = self.state.settings.max_buffered_audio_s
+        if count > longest * fmt.rate:  # audio_duration_problem's bound, tested first: a call less per event
+            problem = limits.audio_duration_problem(count, fmt.rate, longest, "the audio of one event")
+            if problem is not None:
+                raise ProtocolError(ErrorCode.INVALID_AUDIO, f"{problem}; send audio in chunks", param, event_id)
         return count
 
     def _on_text(self, event: TextAppend) -> None:
@@ -519,8 +565,9 @@ class RealtimeConnection:
 
     def _check_append(self, raw: bytes, event: AudioAppend) -> None:
         """Bounds from the byte count, before anything is decoded or resampled."""
-        incoming = limits.model_samples(self._wire_samples(raw, "audio", event.event_id), self.config.input_format.rate)
-        if self.config.turn_detection is None:
+        config = self.config
+        incoming = limits.model_samples(self._wire_samples(raw, "audio", event.event_id), config.input_format.rate)
+        if config.turn_detection is None:
             limit = int(self.state.settings.max_buffered_audio_s * 16000)
             if self.manual_samples + incoming > limit:
                 raise ProtocolError(ErrorCode.INPUT_AUDIO_BUFFER_FULL,

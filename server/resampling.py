@@ -20,7 +20,7 @@ class StreamResampler:
     The concatenation of all outputs plus `flush()` equals `models.resample.resample` of the whole
     stream (torchaudio's `Resample`, as VITA used it), to float32 rounding. A chunk's output lags its
     input by `delay_samples` input samples (24 -> 16 kHz: 13, i.e. 0.54 ms); soxr's stream held back
-    ~16 ms and emitted in bursts. Cost: ~9 us per 20 ms chunk at 24 -> 16 kHz (soxr: ~6.5 us).
+    ~16 ms and emitted in bursts. Cost: ~4 us per 20 ms chunk at 24 -> 16 kHz (soxr: ~6.5 us; issue 14).
     A one-shot call (a fresh resampler, one chunk) must add `flush()` to get the tail.
     """
 

@@ -21,7 +21,7 @@ def serve(cli: dict[str, Any], config_file: Path | None = None) -> int:
     from .connections import MAX_HEAD_BYTES, header_timeout_protocol
     from .logs import configure_logging
     from .settings import load_settings
-    from .ws_protocol import ReadAheadWebSocketProtocol
+    from .ws_protocol import ParsedByWebsocketsProtocol, ReadAheadWebSocketProtocol
 
     try:
         settings = load_settings(cli, config_file)
@@ -35,12 +35,14 @@ def serve(cli: dict[str, Any], config_file: Path | None = None) -> int:
     except ValueError as exc:  # settings that cannot work together (tts=vita without the voice, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # ours also parses the common text frame itself (server/ws_protocol.py), unless "wsframe" is off
+    read_ahead = ParsedByWebsocketsProtocol if "wsframe" in settings.hot_path_off else ReadAheadWebSocketProtocol
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None,
         ws_max_size=2 * settings.max_event_bytes + (1 << 20), timeout_graceful_shutdown=10,
         # Both apply TCP backpressure to sends, so a client that stops reading fills our bounded per-session
         # queue and is closed; ours reads ahead instead of pausing the socket for every event (issue 14).
-        ws="websockets" if "ws" in settings.hot_path_off else ReadAheadWebSocketProtocol,
+        ws="websockets" if "ws" in settings.hot_path_off else read_ahead,
         # No permessage-deflate by default: inflating a client's message runs on the event loop (a 3.5 MB append
         # took 0.2 s there, stalling every session), and base64 audio and images hardly compress anyway; the
         # setting exists so bench/load.py can measure both (issue 14).

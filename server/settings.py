@@ -27,13 +27,18 @@ from pydantic_settings import (
 StrList = Annotated[list[str], NoDecode]
 
 # The realtime input path's CPU optimisations (issue 14), each on by default and switchable (hot_path_off).
-HotPath = Literal["ws", "append", "idle", "memcheck", "vad"]
+HotPath = Literal["ws", "wsframe", "append", "idle", "memcheck", "vad", "vadproc", "direct"]
 HOT_PATHS: dict[str, str] = {
     "ws": "uvicorn's sans-I/O WebSocket protocol reading ahead (server/ws_protocol.py); off: its legacy one",
+    "wsframe": "complete unfragmented text frames parsed by ws_protocol.py itself, the rest by websockets' parser",
     "append": "input_audio_buffer.append parsed without the general parser and pydantic, checked as strictly",
     "idle": "one idle timer per session instead of a timeout armed per received event",
     "memcheck": "an append is checked against the memory budget with an upper bound, exact once a second",
     "vad": "the VAD's batched rounds look at the streams pushed to since, not at every open stream",
+    "direct": "a small append is handled in the WebSocket transport's callback when its session waits with "
+              "nothing queued (no queue, task switch and ASGI receive per event)",
+    "vadproc": "the VAD's model runs in a worker process fed through shared memory (duplex/vad_worker.py); "
+               "off: on the event loop",
 }
 
 

@@ -564,6 +564,21 @@ def test_gate_ring_keeps_the_newest_audio_in_any_chunking() -> None:
     assert gate.mic_end == x.size
 
 
+def test_gate_ring_in_steady_chunks_and_any_sample_type() -> None:
+    gate = EchoGate(EchoGuard(), EchoGateParams(ring_ms=1000))
+    x = (np.arange(40_000) % 20_000).astype(np.int16)
+    n = 480  # 30 ms: the 16000-sample ring wraps mid-chunk (16000 is not a multiple of 480)
+    for i, k in enumerate(range(0, x.size, n)):
+        chunk = x[k : k + n]
+        gate.push_mic((chunk, chunk.astype(np.float64) / 32768.0, chunk.astype(np.float32) / 32768.0)[i % 3])
+        end = k + chunk.size
+        lo = max(end - MIC, 0)
+        np.testing.assert_array_equal(gate.mic(lo, end), x[lo:end].astype(np.float32) / 32768.0)
+    assert gate.mic_end == x.size
+    with pytest.raises(ValueError, match="mono"):
+        gate.push_mic(np.zeros((2, 320), np.float32))
+
+
 def test_emitted_output_plays_in_real_time_from_its_first_chunk() -> None:
     guard = EchoGuard()
     chunk = np.zeros(CHUNK, np.float32)

@@ -151,3 +151,42 @@ def test_vad_rounds_over_pushed_streams_give_every_event_in_the_same_order() -> 
                 bank.push(sid, samples)
         runs.append(got)
     assert len(runs[0]) > 50 and runs[0] == runs[1]
+
+
+# --- appends taken in the transport's callback (switch "direct") keep the order of events ------------------
+
+
+@pytest.mark.vllm
+async def test_appends_taken_directly_keep_their_place_among_other_events(server_url: str) -> None:
+    """A burst mixing appends with other events gets its answers in the order sent: appends are taken in the
+    WebSocket's callback only while nothing is queued before them. Bad appends answer with an error carrying
+    their event id, so each one's place in the answers shows where it was handled."""
+    import websockets
+
+    from tests.conftest import API_KEY
+
+    url = server_url.replace("http://", "ws://") + "/v1/realtime?model=vita"
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {API_KEY}"}) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+
+        def append(event_id: str, audio: str = AUDIO) -> str:
+            return json.dumps({"type": APPEND, "audio": audio, "event_id": event_id})
+
+        update = json.dumps({"type": "session.update", "event_id": "u", "session": {
+            "type": "realtime", "audio": {"input": {"turn_detection": None}}}})
+        for round_ in range(3):
+            burst = [append(f"ok{round_}"), update, append(f"bad{round_}a", "%%%"), append(f"ok{round_}b"),
+                     append(f"bad{round_}b", "not base64!")]
+            await ws.send(burst[0])
+            await asyncio.sleep(0.05)  # the session waits again: the next append may be taken directly
+            for text in burst[1:]:
+                await ws.send(text)
+            answers = []
+            async with asyncio.timeout(30):
+                while len(answers) < 3:
+                    event = json.loads(await ws.recv())
+                    if event["type"] == "session.updated":
+                        answers.append("u")
+                    elif event["type"] == "error":
+                        answers.append(event["error"]["event_id"])
+            assert answers == ["u", f"bad{round_}a", f"bad{round_}b"]

@@ -145,6 +145,35 @@ def test_streaming_equals_offline(orig_rate: int) -> None:
     np.testing.assert_allclose(again, resample(x[:4800], orig_rate, SAMPLE_RATE), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(("orig_rate", "new_rate"), [(24000, 16000), (8000, 16000), (24000, 8000), (16000, 24000),
+                                                    (22050, 16000)])
+def test_streaming_in_any_chunks_equals_offline_and_torchaudio(orig_rate: int, new_rate: int) -> None:
+    """The server's streams (input to 16 kHz, output from 24 kHz) in steady 20 ms chunks and in any others:
+    empty, shorter than a window, not a whole number of blocks or of blocks per row, longer than the
+    preallocated buffer, and input that is not float32 or not 1-D, with `flush` mid-way (a new stream)."""
+    x = _noise(1.5, orig_rate, seed=orig_rate + new_rate)
+    stream = StreamingResampler(orig_rate, new_rate)
+    rng = np.random.default_rng(new_rate)
+    for trial in range(3):
+        parts, pos, chunk = [], 0, orig_rate // 50
+        while pos < x.size:
+            n = chunk if trial == 0 else int(rng.choice([0, 1, 2, 5, 13, chunk - 1, chunk, chunk + 7, 5000, 9001]))
+            piece = x[pos : pos + n]
+            if trial == 2 and n % 3 == 1:
+                piece = piece.astype(np.float64)[None, :]  # converted as before: to float32, flattened
+            parts.append(stream(piece))
+            pos += n
+        parts.append(stream.flush())
+        streamed = np.concatenate(parts)
+        offline = resample(x, orig_rate, new_rate)
+        assert streamed.dtype == np.float32 and streamed.shape == offline.shape
+        np.testing.assert_allclose(streamed, offline, atol=1e-6, rtol=0)
+    head = x[:2000]
+    got = np.concatenate([stream(head[k : k + 160]) for k in range(0, head.size, 160)] + [stream.flush()])
+    want = torchaudio_resample_reference(head, orig_rate, new_rate)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_streaming_delay_and_20ms_chunks() -> None:
     stream = StreamingResampler(24000, 16000)
     assert stream.delay_samples == 13  # width 10 + orig 3: 0.54 ms of lookahead

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pydantic
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.realtime import (
     ConversationItemAdded,
     RealtimeServerEvent,
@@ -17,6 +19,7 @@ from openai.types.realtime import (
     SessionUpdatedEvent,
 )
 
+from server.wire import inline_data
 from server.wire.audio_codec import AudioFormat, AudioFormatError, decode, encode
 from server.wire.errors import ErrorCode, realtime_error
 from server.wire.inline_data import InlineDataError, decode_base64, decode_inline, parse_data_url
@@ -177,6 +180,33 @@ def test_base64_that_is_refused_names_the_field(text: str) -> None:
         decode_base64(text, "audio")
 
 
+def _decoded(text: str) -> bytes | str:
+    try:
+        return decode_base64(text, "audio", allow_empty=True)
+    except InlineDataError as exc:
+        return f"refused: {exc}"
+
+
+_B64_TEXT = st.text(alphabet="ABCDQRwxyz0189+/-_= \n\t%\u00e9", max_size=24) | st.binary(max_size=18).map(
+    lambda b: base64.b64encode(b).decode())
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=_B64_TEXT)
+def test_the_simd_base64_decoder_changes_no_answer(text: str) -> None:
+    """pybase64 (issue 14) takes what it accepts; the rest goes the way it always went: every text gets the bytes
+    or the refusal it got from binascii's strict mode and the lenient decoder alone."""
+    def refuse_all(*_args: object, **_kwargs: object) -> bytes:
+        raise ValueError("the SIMD decoder turned off")
+
+    fast = _decoded(text)
+    saved, inline_data._simd_b64decode = inline_data._simd_b64decode, refuse_all
+    try:
+        assert fast == _decoded(text)
+    finally:
+        inline_data._simd_b64decode = saved
+
+
 def test_empty_base64_only_where_allowed() -> None:
     assert decode_base64("", "audio", allow_empty=True) == b""
     with pytest.raises(InlineDataError, match="empty"):
@@ -202,6 +232,17 @@ def test_codecs_round_trip(fmt: AudioFormat) -> None:
 
     x = (0.5 * np.sin(np.arange(800) / 7)).astype(np.float32)
     assert np.max(np.abs(decode(encode(x, fmt), fmt) - x)) < (2e-4 if fmt.encoding == "pcm16" else 0.02)
+
+
+def test_pcm16_decodes_every_value_exactly() -> None:
+    import numpy as np
+
+    values = np.arange(-32768, 32768, dtype="<i2")
+    for raw in (values.tobytes(), b""):
+        got = decode(raw, AudioFormat("pcm16", 16000))
+        want = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert got.tobytes() == want.tobytes()  # bit for bit
 
 
 @pytest.mark.parametrize("encoding", ["pcmu", "pcma"])

@@ -20,7 +20,10 @@ with warnings.catch_warnings():
 
 Encoding = Literal["pcm16", "pcmu", "pcma"]
 _PCM16 = np.dtype("<i2")
-_SCALE = np.float32(1 / 32768)  # a power of two: multiplying is exact, as dividing was
+# A power of two: multiplying is exact, as dividing was. A float32 0-d array, not the numpy scalar: the same
+# product, ~0.3 us sooner per 20 ms chunk (issue 14).
+_SCALE = np.array(np.float32(1 / 32768))
+_SCALE.setflags(write=False)
 ACCEPTED = "audio/pcm (PCM16 mono little-endian) at 16000 or 24000 Hz, audio/pcmu or audio/pcma at 8000 Hz"
 
 
@@ -59,7 +62,7 @@ def decode(raw: bytes, fmt: AudioFormat) -> np.ndarray:
     if fmt.encoding == "pcm16":
         if len(raw) % 2:
             raise AudioFormatError(f"PCM16 audio must have an even number of bytes; got {len(raw)}")
-        return np.frombuffer(raw, dtype=_PCM16) * _SCALE  # one pass, float32 (== astype(float32) / 32768)
+        return np.frombuffer(raw, _PCM16) * _SCALE  # one pass, float32 (== astype(float32) / 32768)
     linear = audioop.ulaw2lin(raw, 2) if fmt.encoding == "pcmu" else audioop.alaw2lin(raw, 2)
     return np.frombuffer(linear, dtype=np.int16).astype(np.float32) / 32768.0
 

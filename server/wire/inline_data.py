@@ -14,6 +14,8 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 
+from pybase64 import b64decode as _simd_b64decode  # SIMD base64 (issue 14)
+
 _WHITESPACE = re.compile(r"[ \t\r\n]+")
 _STANDARD_ONLY = frozenset("+/")
 _URLSAFE_ONLY = frozenset("-_")
@@ -33,12 +35,20 @@ def decode_base64(text: object, what: str, *, allow_empty: bool = False) -> byte
     """Base64 text → bytes, by the rule above. `what` names the field in the error message."""
     if not isinstance(text, str):
         raise InlineDataError(f"{what} must be a base64 string; got {type(text).__name__}")
+    # pybase64's validating decoder accepts a subset of what binascii's strict mode does, with the same bytes
+    # (tests/test_wire.py), ~4x faster (a 20 ms append: 0.7 us, not 2.9; issue 14). What it refuses takes the
+    # path it always took.
     try:
-        # The common case (unwrapped, padded, standard alphabet) without copying the text. binascii's strict
-        # mode accepts exactly what b64decode(validate=True) does, minus its regex pass (~1/3 of the time).
-        data = binascii.a2b_base64(text, strict_mode=True)
+        data = _simd_b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        data = _decode_lenient(text, what)
+        data = None
+    if data is None:
+        try:
+            # The common case (unwrapped, padded, standard alphabet) without copying the text. binascii's strict
+            # mode accepts exactly what b64decode(validate=True) does, minus its regex pass (~1/3 of the time).
+            data = binascii.a2b_base64(text, strict_mode=True)
+        except (binascii.Error, ValueError):
+            data = _decode_lenient(text, what)
     if not data and not allow_empty:
         raise InlineDataError(f"{what} is empty; send base64-encoded bytes")
     return data
