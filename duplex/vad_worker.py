@@ -18,8 +18,8 @@ The parent never blocks on the child in the normal course: the pipe's end is wat
 (`fileno`), and `reply` is called when it is readable. `reply(block=True)` (a flush, a manual commit) waits
 for it. A child that dies or fails raises `VadWorkerError`; the caller scores the round in-process.
 
-The shared file is created in /dev/shm where it exists, opened by the child by path and unlinked as soon as
-the child has mapped it, so nothing is left behind however the server ends.
+The shared file is created in /dev/shm where it exists and unlinked at once; the child gets its descriptor
+through the pipe (a Unix socket pair), so nothing is left behind however either process ends.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import multiprocessing
 import os
 import struct
 import tempfile
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import numpy as np
 
@@ -100,7 +100,6 @@ class VadWorker:
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._buf: mmap.mmap | None = None
         self._areas: _Areas | None = None
-        self._path: str | None = None  # the shared file, until the child has mapped it
         self._in_flight = 0  # rows of the round submitted and not yet answered (0: none)
         self.ready = False  # the child answered its start message
         self.graph: str | None = None  # which graph the child runs, once ready
@@ -112,20 +111,21 @@ class VadWorker:
         shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         fd, path = tempfile.mkstemp(prefix="vita-vad-", dir=shm_dir)
         try:
+            os.unlink(path)  # nameless from the start: nothing to leave behind however either process ends
             os.ftruncate(fd, _size(self.rows))
             self._buf = mmap.mmap(fd, _size(self.rows))
+            self._areas = _Areas(self._buf, self.rows)
+            ctx = multiprocessing.get_context("spawn")
+            parent, child = ctx.Pipe(duplex=True)  # a Unix socket pair: it can carry the file descriptor
+            self._proc = ctx.Process(target=_serve, args=(child, self.rows, self._graph, None if self._model_path
+                                                          is None else str(self._model_path)),
+                                     name="vita-vad", daemon=True)
+            self._proc.start()
+            child.close()
+            self._conn = parent
+            reduction.send_handle(parent, fd, self._proc.pid)
         finally:
             os.close(fd)
-        self._areas = _Areas(self._buf, self.rows)
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=_serve, args=(child, path, self.rows, self._graph,
-                                                      None if self._model_path is None else str(self._model_path)),
-                                 name="vita-vad", daemon=True)
-        self._proc.start()
-        child.close()
-        self._conn = parent
-        self._path = path  # unlinked once the child has mapped it (on_started), or at close
 
     def fileno(self) -> int:
         assert self._conn is not None
@@ -134,9 +134,6 @@ class VadWorker:
     def on_started(self) -> None:
         """Read the child's start message (call when `fileno` is readable before `ready`)."""
         message = self._recv()
-        if self._path is not None:
-            Path(self._path).unlink(missing_ok=True)
-            self._path = None
         if not message.startswith(_OK):
             raise VadWorkerError(f"the VAD worker failed to start: {message.decode(errors='replace')}")
         self.graph = message[len(_OK):].decode() or None
@@ -164,9 +161,6 @@ class VadWorker:
                 self._proc.kill()
                 self._proc.join(timeout=2)
             self._proc = None
-        if self._path is not None:
-            Path(self._path).unlink(missing_ok=True)
-            self._path = None
         self._areas = None  # views of the map go first; a view still held elsewhere keeps the map open
         if self._buf is not None:
             try:
@@ -238,14 +232,17 @@ def _name_process() -> None:
         pass
 
 
-def _serve(conn: Connection, path: str, rows: int, graph: str, model_path: str | None) -> None:
+def _serve(conn: Connection, rows: int, graph: str, model_path: str | None) -> None:
     """The child's loop: map the shared file, load the model, then score rounds until told to stop."""
     _name_process()
     try:
         from .vad import SileroModel  # onnxruntime and the graph rewrite load here, not in the server
 
-        with open(path, "r+b") as f:
-            buf = mmap.mmap(f.fileno(), _size(rows))
+        fd = reduction.recv_handle(conn)
+        try:
+            buf = mmap.mmap(fd, _size(rows))
+        finally:
+            os.close(fd)
         areas = _Areas(buf, rows)
         model = SileroModel(model_path, graph=graph)  # type: ignore[arg-type]
     except BaseException as exc:  # noqa: BLE001 - report any start failure to the parent
