@@ -337,23 +337,23 @@ class Server(ServerProcess):
                 parts.append(f"{name} {p.memory_info().rss / 2**20:.0f}")
         return ", ".join(parts)
 
-    def cpu_seconds(self) -> tuple[float, float, float, float]:
+    def cpu_seconds(self) -> tuple[float, float, float, float, float]:
         """(main process, engine and other children, the main process's event-loop thread, the VAD worker
         process) user+sys CPU seconds. The loop runs in the main thread (its id is the pid); the main process's
         other threads are vLLM's input processing, the blocking pool...; the VAD worker is the child named
-        `duplex.vad_worker.PROCESS_NAME`."""
-        main, kids, loop, vad = 0.0, 0.0, 0.0, 0.0
+        `duplex.vad_worker.PROCESS_NAME`; last, the main process's system (kernel) time alone."""
+        main, kids, loop, vad, kernel = 0.0, 0.0, 0.0, 0.0, 0.0
         for p in self.tree():
             with contextlib.suppress(psutil.NoSuchProcess):
                 t = p.cpu_times()
                 if p.pid == self.ps.pid:
-                    main = t.user + t.system
+                    main, kernel = t.user + t.system, t.system
                     loop = sum(th.user_time + th.system_time for th in p.threads() if th.id == p.pid)
                 elif p.name() == VAD_PROCESS_NAME:
                     vad += t.user + t.system
                 else:
                     kids += t.user + t.system
-        return main, kids, loop, vad
+        return main, kids, loop, vad, kernel
 
 
 
@@ -616,6 +616,7 @@ async def run_load(args: argparse.Namespace, label: str, env: dict[str, str], mo
     main_ms_per_s = (cpu1[0] - cpu0[0] - idle_main * wall) / audio_s * 1e3
     loop_ms_per_s = (cpu1[2] - cpu0[2] - idle_loop * wall) / audio_s * 1e3  # of which the event-loop thread
     vad_ms_per_s = (cpu1[3] - cpu0[3]) / audio_s * 1e3  # the VAD worker process (the model's calls), apart
+    kernel_ms_per_s = (cpu1[4] - cpu0[4]) / audio_s * 1e3  # of the main process's: in the kernel (sockets, epoll)
     lag_ms = np.asarray(lag) * 1e3
     growth = rss_end[1] / rss_start[1] - 1
     steady = [r for t, r, _ in rss_samples if t >= args.seconds / 4]
@@ -652,7 +653,7 @@ async def run_load(args: argparse.Namespace, label: str, env: dict[str, str], mo
           + ("; py-spy sampled the server during the load" if profiler is not None else ""))
     rows = [
         ("server main CPU per session-second of audio (ms)", (f"{main_ms_per_s:.2f} (loop thread "
-         f"{loop_ms_per_s:.2f}; idle: {idle_main:.2f} cores"
+         f"{loop_ms_per_s:.2f}; kernel {kernel_ms_per_s:.2f}; idle: {idle_main:.2f} cores"
          f"{'; server behind: an underestimate' if behind else ''})"), f"{GOAL_MS:g}",
          f"{main_ms_per_s / GOAL_MS:.2f}"),
         ("client send lateness p50 / p99 / max (ms)", f"{pct(late, 50):.1f} / {pct(late, 99):.1f} / {late.max():.0f}",
