@@ -92,7 +92,10 @@ class VadHub:
                 worker.on_started()
                 log.info("VAD worker ready (pid %s, %s graph)", worker.pid, worker.graph)
                 return
-            if self._round is None:  # already read by _settle
+            if self._round is None:
+                # Nothing asked: either _settle already read the reply this readiness was for, or the worker
+                # ended (the pipe reads EOF, and would stay readable: the loop would call us forever).
+                worker.check_quiet()
                 return
             reply = worker.reply()
         except VadWorkerError as exc:

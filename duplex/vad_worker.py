@@ -212,6 +212,15 @@ class VadWorker:
             raise VadWorkerError(f"the VAD worker failed a round: {message.decode(errors='replace')}")
         return self._areas.probs(b), self._areas.out_states(b)
 
+    def check_quiet(self) -> None:
+        """With no round in flight the pipe has nothing to say: raise VadWorkerError if it does (the child
+        ended, or answered out of turn)."""
+        assert self._conn is not None
+        if self._conn.poll():
+            message = self._recv()  # raises at EOF
+            self.ready = False
+            raise VadWorkerError(f"the VAD worker spoke out of turn: {message[:100]!r}")
+
     def _recv(self) -> bytes:
         assert self._conn is not None
         try:

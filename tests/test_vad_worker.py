@@ -202,3 +202,24 @@ def test_a_worker_that_cannot_load_the_model_says_why(tmp_path) -> None:
             worker.wait_started()
     finally:
         worker.close()
+
+
+async def test_a_worker_that_dies_between_rounds_is_noticed_at_once(model: SileroModel, audio) -> None:
+    """Killed with no round in flight, its pipe reads EOF: the hub lets it go (instead of being woken for the
+    readable pipe over and over) and the loop scores what comes next."""
+    hub = VadHub(model, coalesce_from=1, coalesce_s=0.0)
+    await _started(hub)
+    got: list[VadEvent] = []
+    try:
+        os.kill(hub.worker_pid, signal.SIGKILL)
+        for _ in range(200):
+            if not hub.worker_ready:
+                break
+            await asyncio.sleep(0.01)
+        assert not hub.worker_ready
+        hub.add("a", PARAMS, got.append)
+        hub.push("a", audio[2])
+        await asyncio.sleep(0.1)
+    finally:
+        hub.close()
+    assert got == _alone(model, audio[2])
