@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -63,15 +63,13 @@ from .sentences import SentenceChunker
 from .transcription import NoTranscription, SessionTranscripts, Transcriber, is_noise_transcript
 from .tts import TextToSpeech, resample
 from .vad import VadEvent, VadParams, VadSpeechEnd
-from .vad_hub import VadHub
+from .vad_hub import RunBlocking, VadHub
 
 log = logging.getLogger(__name__)
 
 
 __all__ = ["DuplexSession", "RuntimeSettings", "VadHub", "state_tokens_for"]
 
-# Runs fn(*args) off the event loop and returns its result (the server passes its bounded executor).
-RunBlocking = Callable[..., Awaitable[Any]]
 
 
 class Engine(Protocol):

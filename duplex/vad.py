@@ -411,11 +411,13 @@ class VadBank:
         Events of one stream come in time order; within a round, in stream insertion order."""
         events: list[tuple[Hashable, VadEvent]] = []
         while group := self.take_round():
-            windows = [w for _, _, w in group]
-            probs, states = self.model.run_batch(np.stack(windows),
-                                                 np.concatenate([s.state for _, s, _ in group], axis=1))
-            events += self.finish_round(group, probs, states)
+            events += self.finish_round(group, *self.score_round(group))
         return events
+
+    def score_round(self, group: list[tuple[Hashable, VadStream, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """A round's ``(probs, states)`` from this process's model (`duplex.vad_worker` does the same apart)."""
+        return self.model.run_batch(np.stack([w for _, _, w in group]),
+                                    np.concatenate([s.state for _, s, _ in group], axis=1))
 
     def take_round(self, max_rows: int | None = None) -> list[tuple[Hashable, VadStream, np.ndarray]]:
         """The next round: one window from each stream that has one (at most ``max_rows``, else

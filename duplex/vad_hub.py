@@ -113,17 +113,18 @@ class VadHub:
             worker.close()
         group, self._round = self._round, None
         if group is not None:  # its windows were taken: score them here
-            self._dispatch(self._bank.finish_round(group, *self._score_here(group)))
+            self._dispatch(self._bank.finish_round(group, *self._bank.score_round(group)))
         self._process()
 
-    def _score_here(self, group: Round) -> tuple[np.ndarray, np.ndarray]:
-        windows = np.stack([w for _, _, w in group])
-        return self._bank.model.run_batch(windows, np.concatenate([s.state for _, s, _ in group], axis=1))
-
-    def _finish(self, reply: tuple[np.ndarray, np.ndarray]) -> None:
+    def _hand_out(self, reply: tuple[np.ndarray, np.ndarray]) -> Round:
+        """Advance the round in flight's streams by the worker's reply and send their events on."""
         group, self._round = self._round, None
         assert group is not None
         self._dispatch(self._bank.finish_round(group, *reply))
+        return group
+
+    def _finish(self, reply: tuple[np.ndarray, np.ndarray]) -> None:
+        group = self._hand_out(reply)
         if self._bank.has_pending() and not self._scheduled:
             # Windows left: a stream's backlog (more than one window per push) goes at once; pushes that came
             # while the worker scored are gathered as any other.
@@ -140,8 +141,7 @@ class VadHub:
             self._lose_worker(exc)
             return
         assert reply is not None
-        group, self._round = self._round, None
-        self._dispatch(self._bank.finish_round(group, *reply))
+        self._hand_out(reply)
 
     # streams -------------------------------------------------------------------------------------
 

@@ -364,13 +364,18 @@ class RealtimeConnection:
                 if handled is not None:  # heavy work off the event loop; this session's next event waits for it
                     await handled
                     self._last_input = loop.time()  # the session was busy, not idle
-            except ProtocolError as exc:
-                self._refuse(exc)
-            except ValueError as exc:
-                # Input the parser let through but the session refuses: a bug in the parser's checks, yet the
-                # client's fault too. Answer it and keep the session (the traceback goes to the log).
-                log.warning("event refused past the parser", exc_info=exc)
-                self._error(ErrorCode.INVALID_VALUE, str(exc)[:500])
+            except (ProtocolError, ValueError) as exc:  # a 400-style answer; the session goes on
+                self._refused(exc)
+
+    def _refused(self, exc: ProtocolError | ValueError) -> None:
+        """How an event the session refuses is answered, wherever it was handled (`_read`, `_take_directly`).
+        A ValueError is input the parser let through but the session refuses: a bug in the parser's checks, yet
+        the client's fault too; it is answered and the session kept (the traceback goes to the log)."""
+        if isinstance(exc, ProtocolError):
+            self._refuse(exc)
+            return
+        log.warning("event refused past the parser", exc_info=exc)
+        self._error(ErrorCode.INVALID_VALUE, str(exc)[:500])
 
     def _take_directly(self, text: str) -> bool:
         """The WebSocket protocol's text consumer (server/ws_protocol.py): a small append that arrives while
@@ -385,11 +390,8 @@ class RealtimeConnection:
         self._last_input = self._loop_time()
         try:
             self._on_append(append)  # small: never returns an awaitable (checked above)
-        except ProtocolError as exc:
-            self._refuse(exc)
-        except ValueError as exc:
-            log.warning("event refused past the parser", exc_info=exc)
-            self._error(ErrorCode.INVALID_VALUE, str(exc)[:500])
+        except (ProtocolError, ValueError) as exc:
+            self._refused(exc)
         except Exception as exc:  # what would have ended _read ends the session the same way
             log.error("session failed", exc_info=exc)
             self._closing = self._closing or _Closing(1011, "internal error")
