@@ -36,6 +36,9 @@ SAMPLE_RATE = 16_000
 WINDOW = 512  # samples per model call at 16 kHz (32 ms); the graph rejects any other size
 CONTEXT = 64  # samples of the previous window the model expects in front of each window
 STATE_SHAPE = (2, 1, 128)
+# Samples a stream's input buffer holds before `VadStream.push` moves its unscored tail to a new one: pushes
+# write into the free end (no array per 20 ms push; issue 14) and the move costs one copy per ~1 s of audio.
+BUFFER_SAMPLES = 16_384
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +211,11 @@ class VadStream:
         self.params = params or VadParams()
         self.state = np.zeros(STATE_SHAPE, dtype=np.float32)
         # Pending input with the model's context in front: the next window is buf[pos-64 : pos+512],
-        # a view, so batching copies each window once. Starts with 64 zeros as Silero does.
-        self._buf = np.zeros(CONTEXT, dtype=np.float32)
-        self._pos = CONTEXT
+        # a view, so batching copies each window once; buf[:end] is written, the rest is free. Written
+        # samples are never overwritten (scored windows stay in _hist as views): a full buffer is replaced.
+        # Starts with 64 zeros as Silero does.
+        self._buf = np.zeros(CONTEXT + BUFFER_SAMPLES, dtype=np.float32)
+        self._pos = self._end = CONTEXT
         self.processed = 0  # samples scored so far == start sample of the next window
         self._pad = _ms_to_samples(self.params.prefix_padding_ms)
         self._silence = _ms_to_samples(self.params.silence_duration_ms)
@@ -234,20 +239,25 @@ class VadStream:
     def push(self, samples: np.ndarray | Iterable[float]) -> None:
         """Buffer samples; nothing is scored until the model runs."""
         x = _as_float32(samples)
-        if x.size == 0:
-            return
-        # Always build a new array: views handed out by _take_window must stay valid.
-        self._buf = np.concatenate((self._buf[self._pos - CONTEXT :], x))
-        self._pos = CONTEXT
+        n, end = x.size, self._end
+        if end + n > self._buf.size:  # full: the unscored tail (with its context) moves to a new buffer
+            tail = self._buf[self._pos - CONTEXT : end]
+            self._buf = np.empty(max(BUFFER_SAMPLES, tail.size + n) + CONTEXT, np.float32)
+            end = tail.size
+            self._buf[:end] = tail
+            self._pos = CONTEXT
+        self._buf[end : end + n] = x
+        self._end = end + n
 
     def held_bytes(self) -> int:
-        """Audio this stream holds: buffered input and the scored audio kept for a segment."""
-        return self._buf.nbytes + len(self._hist) * WINDOW * 4  # every kept window is 512 float32 samples
+        """Audio this stream holds: buffered input (from the next window's context) and the scored audio kept
+        for a segment; the buffer's free end (at most 64 KiB a stream) is not counted."""
+        return (self._end - self._pos + CONTEXT + len(self._hist) * WINDOW) * 4  # kept windows: 512 samples
 
     @property
     def windows_ready(self) -> int:
         """Full 512-sample windows buffered and not yet scored."""
-        return (self._buf.shape[0] - self._pos) // WINDOW
+        return (self._end - self._pos) // WINDOW
 
     @property
     def in_speech(self) -> bool:

@@ -28,6 +28,10 @@ RunBlocking = Callable[..., Awaitable[Any]]
 
 Round = list[tuple[Hashable, Any, np.ndarray]]  # (stream id, VadStream, window) as VadBank.take_round gives
 
+# A worker that dies (or fails to start) is replaced after these delays, one per loss; past the last the loop
+# scores for good: a worker that keeps dying is a broken install, which a new process would not fix.
+WORKER_RESTART_DELAYS_S = (1.0, 10.0, 60.0)
+
 
 class VadHub:
     """One silero model and one `VadBank` shared by all sessions: whoever pushes audio runs a batched
@@ -39,7 +43,8 @@ class VadHub:
     as a batch of dozens (the batched graph pays off from ~16 rows; bench/vad_streams.py).
 
     `start_worker` (the server calls it at startup) moves the model calls to a child process; until it is
-    ready, and for good if it fails, rounds are scored in-process."""
+    ready, and while a lost worker's replacement starts (`WORKER_RESTART_DELAYS_S`), rounds are scored
+    in-process."""
 
     def __init__(self, model: SileroModel | None = None, coalesce_from: int = 16,
                  coalesce_s: float = 0.010, *, scan_all: bool = False) -> None:
@@ -52,6 +57,10 @@ class VadHub:
         self._worker: VadWorker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._round: Round | None = None  # the round the worker is scoring
+        self.restart_delays_s: tuple[float, ...] = WORKER_RESTART_DELAYS_S
+        self._restarts = 0  # workers started to replace lost ones
+        self._restart: asyncio.TimerHandle | None = None
+        self._closed = False
 
     # the worker ----------------------------------------------------------------------------------
 
@@ -74,7 +83,11 @@ class VadHub:
         return self._worker is not None and self._worker.ready
 
     def close(self) -> None:
-        """Stop the worker (a round in flight is scored in-process first)."""
+        """Stop the worker (a round in flight is scored in-process first); no replacement is started."""
+        self._closed = True
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
         self._settle()
         worker, self._worker = self._worker, None
         if worker is not None:
@@ -105,16 +118,36 @@ class VadHub:
             self._finish(reply)
 
     def _lose_worker(self, exc: Exception) -> None:
-        log.error("%s; the VAD runs on the event loop from now on", exc)
+        loop = self._loop
+        again = loop is not None and not self._closed and self._restarts < len(self.restart_delays_s)
+        if again:
+            delay = self.restart_delays_s[self._restarts]
+            self._restarts += 1
+            log.error("%s; the VAD runs on the event loop until a new worker is ready (starting in %g s, "
+                      "replacement %d of %d)", exc, delay, self._restarts, len(self.restart_delays_s))
+        else:
+            log.error("%s; the VAD runs on the event loop from now on", exc)
         worker, self._worker = self._worker, None
         if worker is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(worker.fileno())
+            if loop is not None:
+                loop.remove_reader(worker.fileno())
             worker.close()
         group, self._round = self._round, None
         if group is not None:  # its windows were taken: score them here
             self._dispatch(self._bank.finish_round(group, *self._bank.score_round(group)))
+        if again:
+            assert loop is not None
+            self._restart = loop.call_later(delay, self._replace_worker)
         self._process()
+
+    def _replace_worker(self) -> None:
+        self._restart = None
+        if self._closed or self._worker is not None:
+            return
+        try:
+            self.start_worker()
+        except (OSError, VadWorkerError) as exc:  # could not even spawn (fds, memory): counts as a loss
+            self._lose_worker(VadWorkerError(f"the VAD worker could not be started again: {exc}"))
 
     def _hand_out(self, reply: tuple[np.ndarray, np.ndarray]) -> Round:
         """Advance the round in flight's streams by the worker's reply and send their events on."""

@@ -217,6 +217,14 @@ class StreamingResampler:
         self._received += samples.size
         return self._run(samples)
 
+    def scaled(self, samples: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """``self(samples * scale)`` (int16 samples, a float32 scale), the product written straight into the
+        buffer: the same float32 values without an array between (issue 14)."""
+        if self._kernel is None:
+            return (samples * scale).reshape(-1)
+        self._received += samples.size
+        return self._run(samples, scale)
+
     def flush(self) -> np.ndarray:
         """End the stream: the remaining output (zero padding on the right, as offline), then reset."""
         kernel = self._kernel
@@ -227,14 +235,18 @@ class StreamingResampler:
         self._reset()
         return tail
 
-    def _run(self, chunk: np.ndarray) -> np.ndarray:
-        """Append a float32 chunk to buf[:fill]; the output of every complete block, which it consumes."""
+    def _run(self, chunk: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+        """Append a float32 chunk (or ``chunk * scale``) to buf[:fill]; the output of every complete block,
+        which it consumes."""
         key = (self._fill, chunk.size)
         plan = self._plan if key == self._plan_key else self._make_plan(*key)
         if plan is None:  # a long chunk: through a new array, as one offline call would
-            return self._run_long(chunk)
+            return self._run_long(chunk if scale is None else chunk * scale)
         into, fill, windows, rows, tail, keep, kept = plan
-        into[...] = chunk
+        if scale is None:
+            into[...] = chunk
+        else:
+            np.multiply(chunk, scale, out=into)
         self._fill = fill
         if windows is None:  # not one complete window yet
             return np.zeros(0, dtype=np.float32)

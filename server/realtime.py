@@ -50,7 +50,7 @@ from .realtime_config import RealtimeConfig
 from .realtime_conversation import OUTPUT_RATE, Conversation, new_item_id
 from .resampling import StreamResampler
 from .state import AppState
-from .wire.audio_codec import AudioFormat, AudioFormatError, decode
+from .wire.audio_codec import PCM16_SCALE, AudioFormat, AudioFormatError, decode, pcm16_samples
 from .wire.client_events import (
     AudioAppend,
     AudioClear,
@@ -579,7 +579,10 @@ class RealtimeConnection:
 
     def _append_samples(self, raw: bytes, event: AudioAppend) -> np.ndarray:
         try:
-            return self.to_16k(decode(raw, self.config.input_format))
+            fmt = self.config.input_format
+            if fmt.encoding == "pcm16":  # scaled as the resampler takes it in: `decode`'s samples, no copy between
+                return self.to_16k.scaled(pcm16_samples(raw), PCM16_SCALE)
+            return self.to_16k(decode(raw, fmt))
         except AudioFormatError as exc:
             raise ProtocolError(ErrorCode.INVALID_AUDIO, f"{exc}; expected base64 {self._fmt_text()}", "audio",
                                 event.event_id) from None

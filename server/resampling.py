@@ -38,6 +38,12 @@ class StreamResampler:
             return samples.astype(np.float32, copy=False)
         return self._stream(samples)
 
+    def scaled(self, samples: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """``self(samples * scale)`` for int16 samples and a float32 scale, without the float32 copy between."""
+        if self._stream is None:
+            return samples * scale
+        return self._stream.scaled(samples, scale)
+
     def flush(self) -> np.ndarray:
         """End of stream: the held-back tail (empty when the rates are equal); the resampler starts over."""
         if self._stream is None:

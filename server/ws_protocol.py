@@ -130,9 +130,12 @@ class ReadAheadWebSocketProtocol(WebSocketsSansIOProtocol):
                 data, self._partial = self._partial, bytearray()
             texts = self._fast_text_frames(data)
             if texts is not None:
+                consumer = self._consumer
                 for text, size in texts:
                     self.curr_msg_data_type = "text"
-                    self._queue_message({"type": "websocket.receive", "text": text}, size)
+                    # `_queue_message`'s first step inline: no message dict or call for what the consumer takes
+                    if consumer is None or not self.queue.empty() or not consumer(text):
+                        self._enqueue({"type": "websocket.receive", "text": text}, size)
                 return
         elif self._partial:  # the connection closed or failed meanwhile: websockets gets it from the boundary
             data, self._partial = self._partial + data, bytearray()
@@ -213,6 +216,10 @@ class ReadAheadWebSocketProtocol(WebSocketsSansIOProtocol):
         consumer = self._consumer
         if consumer is not None and self.queue.empty() and "text" in message and consumer(message["text"]):
             return
+        self._enqueue(message, size)
+
+    def _enqueue(self, message: Any, size: int) -> None:
+        """Queue a message the consumer did not take; pause reading past the limits."""
         self.queue.put_nowait(message)
         self._queued_bytes += size
         if not self.read_paused and (self._queued_bytes > READ_AHEAD_BYTES

@@ -196,6 +196,28 @@ def test_server_stream_resampler_is_the_exact_one() -> None:
     assert same.delay_samples == 0 and same.flush().size == 0
 
 
+@pytest.mark.parametrize("orig_rate", [24000, 16000, 8000])
+def test_scaled_pcm16_equals_decoded_then_resampled(orig_rate: int) -> None:
+    """The server's append path: int16 samples scaled as the resampler takes them in (`scaled`) give exactly
+    the samples of `decode` then the resampler, in 20 ms chunks, odd ones and ones past the buffer."""
+    from server.resampling import StreamResampler
+    from server.wire.audio_codec import PCM16_SCALE, AudioFormat, decode, pcm16_samples
+
+    rng = np.random.default_rng(orig_rate)
+    pcm = rng.integers(-32768, 32768, orig_rate * 2, dtype=np.int16).astype("<i2")
+    fused, plain = StreamResampler(orig_rate, 16000), StreamResampler(orig_rate, 16000)
+    fmt = AudioFormat("pcm16", orig_rate) if orig_rate != 8000 else None
+    pos = 0
+    for n in [orig_rate // 50] * 5 + [1, 13, 5000, orig_rate // 50, 7]:
+        raw = pcm[pos : pos + n].tobytes()
+        pos += n
+        want = plain(decode(raw, fmt) if fmt else pcm16_samples(raw) * PCM16_SCALE)
+        got = fused.scaled(pcm16_samples(raw), PCM16_SCALE)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(fused.flush(), plain.flush())
+
+
 def test_clip_path_uses_exact_resampler_and_logmel_vs_soxr() -> None:
     import soxr
 

@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from duplex import vad_graph
 from duplex.vad import (
+    BUFFER_SAMPLES,
     CONTEXT,
     WINDOW,
     SileroModel,
@@ -356,6 +357,33 @@ def test_odd_push_sizes_same_events(model: SileroModel, dialogue, sizes: list[in
     bank = VadBank(model)
     bank.add_stream("a")
     assert_same_events(feed_in_pieces(bank, "a", audio, sizes), run_whole(model, audio))
+
+
+def test_pushes_across_buffer_moves_same_events(model: SileroModel, dialogue) -> None:
+    """Pushes write into a preallocated buffer that is replaced when full (issue 14): with rounds between the
+    pushes or none for longer than the buffer holds, and a push larger than the buffer, the events and the
+    segments' audio (views of replaced buffers) equal one push of the whole; the held bytes count the audio."""
+    audio, _ = dialogue
+    assert audio.size > 3 * BUFFER_SAMPLES
+    bank = VadBank(model)
+    bank.add_stream("a")
+    stream = bank._streams["a"]
+    events: list[VadEvent] = []
+    pos = 0
+    for _ in range(BUFFER_SAMPLES // 320 + 20):  # no round: the unscored audio outgrows the buffer
+        bank.push("a", audio[pos : pos + 320])
+        pos += 320
+    assert stream.held_bytes() == (pos + CONTEXT) * 4 and stream.windows_ready == pos // WINDOW
+    events += [e for _, e in bank.process()]
+    bank.push("a", audio[pos : pos + BUFFER_SAMPLES + 100])  # larger than the buffer at once
+    pos += BUFFER_SAMPLES + 100
+    while pos < audio.size:  # a round after each 20 ms push
+        bank.push("a", audio[pos : pos + 320])
+        events += [e for _, e in bank.process()]
+        pos += 320
+    events += bank.flush("a")
+    assert segments(events)
+    assert_same_events(events, run_whole(model, audio))
 
 
 def test_interleaved_streams_match_each_alone(model: SileroModel, dialogue, beckett) -> None:

@@ -99,6 +99,7 @@ async def test_worker_gives_the_events_of_each_stream_alone(model: SileroModel, 
 async def test_a_killed_worker_hands_its_round_back(model: SileroModel, audio) -> None:
     want = {i: _alone(model, clip) for i, clip in enumerate(audio)}
     hub = VadHub(model)
+    hub.restart_delays_s = ()  # no replacement
     await _started(hub)
 
     def kill(step: int) -> None:
@@ -113,12 +114,50 @@ async def test_a_killed_worker_hands_its_round_back(model: SileroModel, audio) -
     _assert_same(got, want)
 
 
+async def test_a_lost_worker_is_replaced_while_the_loop_scores(model: SileroModel, audio) -> None:
+    """Killed mid-stream, the worker is replaced after the restart delay (meanwhile the loop scores); the new
+    one scores the rest, with the events of each stream alone; once the replacements are spent, the loop
+    scores for good."""
+    want = {i: _alone(model, clip) for i, clip in enumerate(audio)}
+    hub = VadHub(model)
+    hub.restart_delays_s = (0.05,)
+    await _started(hub)
+    first = hub.worker_pid
+    pids: list[int | None] = []
+
+    def kill(step: int) -> None:
+        if step == 20:
+            os.kill(hub.worker_pid, signal.SIGKILL)
+        pids.append(hub.worker_pid if hub.worker_ready else None)
+
+    try:
+        got = await _drive(hub, audio, on_step=kill)
+        for _ in range(1200):
+            if hub.worker_ready:
+                break
+            await asyncio.sleep(0.05)
+        second = hub.worker_pid
+        assert hub.worker_ready and second not in (None, first)
+        assert None in pids[20:], "the loop scored while the replacement started"
+        os.kill(second, signal.SIGKILL)  # no replacement left
+        for _ in range(200):
+            if not hub.worker_ready:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert not hub.worker_ready and hub.worker_pid is None
+    finally:
+        hub.close()
+    _assert_same(got, want)
+
+
 async def test_flush_and_remove_while_a_round_is_in_flight(model: SileroModel, audio) -> None:
     clip = audio[0][:48_000]
     stream = VadStream(PARAMS)
     stream.push(clip)
     want = stream.process(model) + stream.flush()
     hub = VadHub(model, coalesce_from=1, coalesce_s=0.0)
+    hub.restart_delays_s = ()
     await _started(hub)
     got: list[VadEvent] = []
     try:

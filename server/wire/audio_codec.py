@@ -22,8 +22,8 @@ Encoding = Literal["pcm16", "pcmu", "pcma"]
 _PCM16 = np.dtype("<i2")
 # A power of two: multiplying is exact, as dividing was. A float32 0-d array, not the numpy scalar: the same
 # product, ~0.3 us sooner per 20 ms chunk (issue 14).
-_SCALE = np.array(np.float32(1 / 32768))
-_SCALE.setflags(write=False)
+PCM16_SCALE = np.array(np.float32(1 / 32768))
+PCM16_SCALE.setflags(write=False)
 ACCEPTED = "audio/pcm (PCM16 mono little-endian) at 16000 or 24000 Hz, audio/pcmu or audio/pcma at 8000 Hz"
 
 
@@ -60,11 +60,16 @@ class AudioFormat:
 def decode(raw: bytes, fmt: AudioFormat) -> np.ndarray:
     """Wire bytes → float32 samples at fmt.rate."""
     if fmt.encoding == "pcm16":
-        if len(raw) % 2:
-            raise AudioFormatError(f"PCM16 audio must have an even number of bytes; got {len(raw)}")
-        return np.frombuffer(raw, _PCM16) * _SCALE  # one pass, float32 (== astype(float32) / 32768)
+        return pcm16_samples(raw) * PCM16_SCALE  # one pass, float32 (== astype(float32) / 32768)
     linear = audioop.ulaw2lin(raw, 2) if fmt.encoding == "pcmu" else audioop.alaw2lin(raw, 2)
     return np.frombuffer(linear, dtype=np.int16).astype(np.float32) / 32768.0
+
+
+def pcm16_samples(raw: bytes) -> np.ndarray:
+    """PCM16 wire bytes as int16 samples (a view); times `PCM16_SCALE` they are `decode`'s float32 samples."""
+    if len(raw) % 2:
+        raise AudioFormatError(f"PCM16 audio must have an even number of bytes; got {len(raw)}")
+    return np.frombuffer(raw, _PCM16)
 
 
 def encode(samples: np.ndarray, fmt: AudioFormat) -> bytes:
