@@ -130,12 +130,9 @@ class ReadAheadWebSocketProtocol(WebSocketsSansIOProtocol):
                 data, self._partial = self._partial, bytearray()
             texts = self._fast_text_frames(data)
             if texts is not None:
-                consumer = self._consumer
                 for text, size in texts:
                     self.curr_msg_data_type = "text"
-                    # `_queue_message`'s first step inline: no message dict or call for what the consumer takes
-                    if consumer is None or not self.queue.empty() or not consumer(text):
-                        self._enqueue({"type": "websocket.receive", "text": text}, size)
+                    self._receive_text(text, size)
                 return
         elif self._partial:  # the connection closed or failed meanwhile: websockets gets it from the boundary
             data, self._partial = self._partial + data, bytearray()
@@ -193,9 +190,9 @@ class ReadAheadWebSocketProtocol(WebSocketsSansIOProtocol):
                 self.conn.send_close(1007)
                 self.handle_parser_exception()
                 return
-            self._queue_message({"type": "websocket.receive", "text": text}, len(data))
+            self._receive_text(text, len(data))
         else:
-            self._queue_message({"type": "websocket.receive", "bytes": data}, len(data))
+            self._enqueue({"type": "websocket.receive", "bytes": data}, len(data))
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -211,15 +208,16 @@ class ReadAheadWebSocketProtocol(WebSocketsSansIOProtocol):
         application is waiting in `receive()` with everything before it handled. None: queue everything."""
         self._consumer = consumer
 
-    def _queue_message(self, message: Any, size: int) -> None:
-        """Queue a received message of `size` bytes for the application, pausing reading past the limits."""
+    def _receive_text(self, text: str, size: int) -> None:
+        """A received text message of `size` bytes: the consumer's if it takes it (then no ASGI message is built
+        at all), else queued for the application."""
         consumer = self._consumer
-        if consumer is not None and self.queue.empty() and "text" in message and consumer(message["text"]):
+        if consumer is not None and self.queue.empty() and consumer(text):
             return
-        self._enqueue(message, size)
+        self._enqueue({"type": "websocket.receive", "text": text}, size)
 
     def _enqueue(self, message: Any, size: int) -> None:
-        """Queue a message the consumer did not take; pause reading past the limits."""
+        """Queue a message for the application, pausing reading past the limits."""
         self.queue.put_nowait(message)
         self._queued_bytes += size
         if not self.read_paused and (self._queued_bytes > READ_AHEAD_BYTES
