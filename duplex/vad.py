@@ -39,6 +39,10 @@ STATE_SHAPE = (2, 1, 128)
 # Samples a stream's input buffer holds before `VadStream.push` moves its unscored tail to a new one: pushes
 # write into the free end (no array per 20 ms push; issue 14) and the move costs one copy per ~1 s of audio.
 BUFFER_SAMPLES = 16_384
+# A new buffer holds this many times the unscored tail plus the push (at least BUFFER_SAMPLES): when rounds
+# fall behind, the tail grows and moves get rarer in proportion, so pushes stay linear (amortised) instead of
+# copying the whole backlog on every push, which would make a loop that falls behind fall further behind.
+BUFFER_GROWTH = 2
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +246,7 @@ class VadStream:
         n, end = x.size, self._end
         if end + n > self._buf.size:  # full: the unscored tail (with its context) moves to a new buffer
             tail = self._buf[self._pos - CONTEXT : end]
-            self._buf = np.empty(max(BUFFER_SAMPLES, tail.size + n) + CONTEXT, np.float32)
+            self._buf = np.empty(max(BUFFER_SAMPLES, BUFFER_GROWTH * (tail.size + n)) + CONTEXT, np.float32)
             end = tail.size
             self._buf[:end] = tail
             self._pos = CONTEXT

@@ -386,6 +386,25 @@ def test_pushes_across_buffer_moves_same_events(model: SileroModel, dialogue) ->
     assert_same_events(events, run_whole(model, audio))
 
 
+def test_pushes_stay_linear_while_rounds_lag() -> None:
+    """A stream whose rounds fall behind (a loaded loop) keeps taking 20 ms pushes: its buffer grows
+    geometrically, so the backlog is moved O(log n) times in all, not copied on every push (which made a
+    loop that fell behind fall further behind); every sample pushed is still there, in order."""
+    stream = VadStream()
+    rng = np.random.default_rng(3)
+    pushed = [rng.uniform(-1, 1, 320).astype(np.float32) for _ in range(3000)]  # 60 s, never scored
+    moves, buf = 0, stream._buf
+    for chunk in pushed:
+        stream.push(chunk)
+        if stream._buf is not buf:
+            moves, buf = moves + 1, stream._buf
+    total = 3000 * 320
+    assert moves <= 8, moves  # 16 384 doubling past 960 000: 6 moves
+    assert stream.windows_ready == total // WINDOW and stream.held_bytes() == (total + CONTEXT) * 4
+    assert stream._buf.size <= 2 * (total + CONTEXT) + CONTEXT  # growth, not waste
+    np.testing.assert_array_equal(stream._buf[CONTEXT : CONTEXT + total], np.concatenate(pushed))
+
+
 def test_interleaved_streams_match_each_alone(model: SileroModel, dialogue, beckett) -> None:
     a, _ = dialogue
     b = beckett
