@@ -285,6 +285,11 @@ class EchoGuard:
     def _grid_end(self, i: int) -> int:
         return self._grid[i] + self._chunks[i].size
 
+    @property
+    def holds_output(self) -> bool:
+        """Whether any output is stored (playing, due to play, or within the history kept for checks)."""
+        return bool(self._grid)
+
     def output_end(self) -> float:
         """Microphone sample where the stored output ends (0.0 when none is stored)."""
         return self._grid_end(-1) / self._scale if self._grid else 0.0
@@ -601,8 +606,9 @@ class EchoGate:
             ring[: i + n - size] = x[size - i :]
         end = self._end = self._end + n
         guard = self.guard
-        gp = guard.params
-        guard.forget_before(end - gp.history_s * gp.mic_rate)
+        if guard._grid:  # output to forget (none while nothing played lately: a 20 ms push skips the call)
+            gp = guard.params
+            guard.forget_before(end - gp.history_s * gp.mic_rate)
         seg = self._seg
         if seg is None:
             return []

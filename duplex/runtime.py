@@ -67,6 +67,10 @@ from .vad_hub import RunBlocking, VadHub
 
 log = logging.getLogger(__name__)
 
+# The echo gate's segment states whose checks run as the microphone's audio arrives (EchoGate.push_mic): while
+# one is open, audio is pushed as it comes (DuplexSession.mic_watched).
+_GATE_WATCHING = frozenset({"pending", "echo"})
+
 
 __all__ = ["DuplexSession", "RuntimeSettings", "VadHub", "state_tokens_for"]
 
@@ -213,6 +217,21 @@ class DuplexSession:
         for event in self._gate.push_mic(samples):  # the echo gate sees the audio before the VAD
             self._feed(event)
         self._vad.push(self.session_id, samples)
+
+    @property
+    def mic_watched(self) -> bool:
+        """Whether something follows the microphone's position closer than the VAD's windows: an engine request
+        or speech under way (output is anchored at the microphone's position when sent), output kept for the
+        echo check, or a segment the echo gate still decides on (its checks run at microphone positions). Also
+        True without a VAD, and once closed. Audio must then be pushed as it comes (see `audio_slack`)."""
+        return (self._closed or not self._vad_on or bool(self._requests) or bool(self._speech_tasks)
+                or self._echo.holds_output or self._gate.state in _GATE_WATCHING)
+
+    def audio_slack(self) -> int:
+        """How many 16 kHz microphone samples the caller may hold back before `push_audio` without changing
+        anything this session does, as long as `mic_watched` stays False (issue 14: the server then pushes once
+        per VAD window, not per 20 ms event): what the VAD still needs for its next window; 0 while watched."""
+        return 0 if self.mic_watched else self._vad.samples_until_window(self.session_id)
 
     async def push_audio_offloaded(self, samples: np.ndarray) -> None:
         """`push_audio` for a long stretch: the VAD scores it through `run_blocking`, off the event loop

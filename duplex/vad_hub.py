@@ -2,8 +2,9 @@
 a worker process (`duplex.vad_worker`).
 
 A round takes one 32 ms window from every stream that has one and scores them in one model call. In-process,
-the call runs on the event loop (as before issue 14). With a worker, the loop only copies the windows into
-shared memory and goes on serving sessions; the reply is read when the worker's pipe is readable, and its
+the call runs on the event loop (as before issue 14). With a worker, the loop only copies the windows and the
+streams' LSTM states (gathered from the bank's state table, `duplex.vad.VadBank.state_table`) into shared
+memory and goes on serving sessions; the reply is read when the worker's pipe is readable, and its
 events reach the sessions' sinks in the same order as in-process rounds give them. One round is in flight
 at a time (a window's state is the next window's input). Anything that must see a stream's state at once (a
 flush, a stream scored in a thread) first waits for the round in flight: at most one model call, ~1 ms.
@@ -18,15 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from .vad import SileroModel, VadBank, VadEvent, VadParams
+from .vad import SileroModel, VadBank, VadEvent, VadParams, VadRound
 from .vad_worker import VadWorker, VadWorkerError
 
 log = logging.getLogger(__name__)
 
 # Runs fn(*args) off the event loop and returns its result (the server passes its bounded executor).
 RunBlocking = Callable[..., Awaitable[Any]]
-
-Round = list[tuple[Hashable, Any, np.ndarray]]  # (stream id, VadStream, window) as VadBank.take_round gives
 
 # A worker that dies (or fails to start) is replaced after these delays, one per loss; past the last the loop
 # scores for good: a worker that keeps dying is a broken install, which a new process would not fix.
@@ -56,7 +55,7 @@ class VadHub:
         self.coalesce_s = coalesce_s
         self._worker: VadWorker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._round: Round | None = None  # the round the worker is scoring
+        self._round: VadRound | None = None  # the round the worker is scoring
         self.restart_delays_s: tuple[float, ...] = WORKER_RESTART_DELAYS_S
         self._restarts = 0  # workers started to replace lost ones
         self._restart: asyncio.TimerHandle | None = None
@@ -149,7 +148,7 @@ class VadHub:
         except (OSError, VadWorkerError) as exc:  # could not even spawn (fds, memory): counts as a loss
             self._lose_worker(VadWorkerError(f"the VAD worker could not be started again: {exc}"))
 
-    def _hand_out(self, reply: tuple[np.ndarray, np.ndarray]) -> Round:
+    def _hand_out(self, reply: tuple[np.ndarray, np.ndarray]) -> VadRound:
         """Advance the round in flight's streams by the worker's reply and send their events on."""
         group, self._round = self._round, None
         assert group is not None
@@ -161,7 +160,7 @@ class VadHub:
         if self._bank.has_pending() and not self._scheduled:
             # Windows left: a stream's backlog (more than one window per push) goes at once; pushes that came
             # while the worker scored are gathered as any other.
-            self._schedule(backlog=any(s.windows_ready for _, s, _ in group))
+            self._schedule(backlog=any(s.windows_ready for s in group.streams))
 
     def _settle(self) -> None:
         """Wait for the round in flight (if any) and hand out its events: a stream's state is then current."""
@@ -224,7 +223,7 @@ class VadHub:
         if not group:
             return
         try:
-            worker.submit([w for _, _, w in group], [s.state for _, s, _ in group])
+            worker.submit(group.windows, self._bank.state_table, group.slots)
         except VadWorkerError as exc:
             self._round = group
             self._lose_worker(exc)
@@ -263,6 +262,12 @@ class VadHub:
         for event in events:
             if sink is not None:
                 sink(event)
+
+    def samples_until_window(self, stream_id: Hashable) -> int:
+        """Samples still to push to the stream before it holds one more full 512-sample window than now
+        (windows in the round in flight count as scored): `duplex.vad.VadStream.samples_until_window`. 0 for
+        a stream the hub does not know or that is being scored in a thread (`push_offloaded`)."""
+        return self._bank.samples_until_window(stream_id)
 
     def held_bytes(self, stream_id: Hashable) -> int:
         """Audio the stream holds (buffered input, the open segment)."""

@@ -8,9 +8,11 @@ vLLM's engines by then; forking those is unsafe), single-threaded as in the serv
 Data crosses in one shared-memory file and a pipe carries one small message per round:
 
 * the parent writes a round's windows ``(B, 576)`` and LSTM states ``(2, B, 128)`` into the file's input
-  area and sends ``B``;
+  area and sends ``B``: each with one numpy call (the windows concatenated from the streams' buffers, the
+  states gathered from the bank's state table by the round's slots, `duplex.vad.VadBank.state_table`);
 * the child runs the graph, writes the probabilities ``(B,)`` and the new states ``(2, B, 128)`` into the
-  output area and answers ``OK`` (or the error's text);
+  output area and answers ``OK`` (or the error's text); the parent scatters the states back into its table
+  (one numpy call) and reads the probabilities as one list;
 * one round is in flight at a time (a stream's next window needs this window's state), so the areas are
   never written while the other side reads them.
 
@@ -78,6 +80,10 @@ class _Areas:
 
     def windows(self, b: int) -> np.ndarray:
         return np.ndarray((b, ROW), np.float32, buffer=self._buf, offset=self._offsets[0])
+
+    def windows_flat(self, b: int) -> np.ndarray:
+        """The same area as `windows`, ``(B * 576,)``: what the rows are concatenated into."""
+        return np.ndarray((b * ROW,), np.float32, buffer=self._buf, offset=self._offsets[0])
 
     def states(self, b: int) -> np.ndarray:
         return np.ndarray((2, b, 128), np.float32, buffer=self._buf, offset=self._offsets[1])
@@ -183,14 +189,19 @@ class VadWorker:
     def in_flight(self) -> bool:
         return self._in_flight > 0
 
-    def submit(self, windows: list[np.ndarray], states: list[np.ndarray]) -> None:
-        """Start a round: one (576,) window and one (2, 1, 128) state per stream, at most `rows` of them."""
+    def submit(self, windows: list[np.ndarray], states: np.ndarray, slots: np.ndarray | None = None) -> None:
+        """Start a round: one (576,) window per stream, at most `rows` of them, and their LSTM states:
+        ``states[:, slots]`` of a state table ``(2, N, 128)`` (`duplex.vad.VadBank.state_table`), or with no
+        ``slots`` the round's ``(2, B, 128)`` states themselves."""
         b = len(windows)
         if not self.ready or self._in_flight or not 0 < b <= self.rows:
             raise VadWorkerError(f"cannot submit {b} rows (ready={self.ready}, in flight={self._in_flight})")
         assert self._areas is not None and self._conn is not None
-        np.stack(windows, out=self._areas.windows(b))
-        np.concatenate(states, axis=1, out=self._areas.states(b))
+        np.concatenate(windows, out=self._areas.windows_flat(b))  # each (576,): the rows, one after another
+        if slots is None:
+            self._areas.states(b)[:] = states
+        else:
+            np.take(states, slots, axis=1, out=self._areas.states(b))
         try:
             self._conn.send_bytes(_HEADER.pack(b))
         except OSError as exc:

@@ -225,6 +225,25 @@ class StreamingResampler:
         self._received += samples.size
         return self._run(samples, scale)
 
+    def would_emit(self, more: int) -> int:
+        """How many output samples `more` further input samples would return now (in one chunk or several)."""
+        kernel = self._kernel
+        if kernel is None:
+            return more
+        end = self._fill + more
+        return 0 if end < kernel.taps else ((end - kernel.taps) // kernel.orig + 1) * kernel.new
+
+    def inputs_below(self, out: int) -> int:
+        """The most further input samples that return fewer than `out` output samples (-1 when `out` <= 0):
+        `would_emit` inverted, for holding input back until it completes something (server/realtime.py)."""
+        kernel = self._kernel
+        if kernel is None:
+            return out - 1
+        if out <= 0:
+            return -1
+        # blocks * new < out  <=>  blocks <= (out - 1) // new;  blocks <= b  <=>  fill + m < b * orig + taps
+        return (out - 1) // kernel.new * kernel.orig + kernel.taps - self._fill - 1
+
     def flush(self) -> np.ndarray:
         """End the stream: the remaining output (zero padding on the right, as offline), then reset."""
         kernel = self._kernel

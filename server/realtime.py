@@ -215,6 +215,15 @@ class RealtimeConnection:
         self._bound_memory = "memcheck" not in s.hot_path_off
         self._held_bound = 0  # >= what the session holds: the last exact figure plus the audio appended since
         self._held_checked = -math.inf  # monotonic time of that exact figure
+        # Appended audio held back, as received, while it could not complete the VAD's next window (_hold):
+        # resampled, echo-gated and pushed in one pass once it can, or before any other event is handled.
+        self._defer = "defer" not in s.hot_path_off
+        self._held_audio: list[bytes] = []
+        self._held_wire = 0  # wire samples in _held_audio
+        # Wire samples that may be held (_hold_room, from the last pass) and the bytes per wire sample then; 0
+        # until the next pass after any other event (a clear or an update changes the stream or the format).
+        self._hold_room = 0
+        self._hold_width = 2
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -400,6 +409,10 @@ class RealtimeConnection:
         return True
 
     def _handle(self, event: Any) -> Awaitable[None] | None:
+        if type(event) is not AudioAppend:
+            self._hold_room = 0
+            if self._held_audio:  # every other event sees all audio before it
+                self._release_held()
         handler = {
             SessionUpdate: self._on_session_update,
             AudioAppend: self._on_append,
@@ -421,7 +434,8 @@ class RealtimeConnection:
 
     def held_bytes(self) -> int:
         """What this session holds of its client's input (the budget `session_memory_mib` bounds)."""
-        return self.session.held_bytes() + self.manual_samples * 4 + self.conversation.items.chars
+        return (self.session.held_bytes() + self.manual_samples * 4 + self.conversation.items.chars
+                + limits.model_samples(self._held_wire, self.config.input_format.rate) * 4)
 
     def _check_audio_memory(self, more: int, event_id: str | None) -> None:
         """`_check_memory` for an append (fifty a second): while an upper bound of what the session holds (the
@@ -546,10 +560,59 @@ class RealtimeConnection:
             return self._append_offloaded(event)
         raw = self._append_bytes(event)
         self._check_append(raw, event)
+        if self._hold(raw):
+            return None
+        if self._held_audio:
+            raw = self._with_held(raw)
         self._take_audio(self._append_samples(raw, event), event)
+        self._new_hold_room()
         return None
 
+    def _hold(self, raw: bytes) -> bool:
+        """Keep this append's audio back (with any held before it) when, resampled, it could not complete the
+        VAD's next window and nothing follows the microphone's position more closely
+        (`DuplexSession.mic_watched`): then nothing the session does or says depends on it yet, and one pass
+        (decode, resample, echo gate, VAD push) per window costs less than one per event (issue 14: a 32 ms
+        window, 20 ms events). Only whole samples are held, so a held chunk never joins a malformed one."""
+        room, width = self._hold_room, self._hold_width
+        if room <= 0 or len(raw) % width:
+            return False
+        count = self._held_wire + len(raw) // width
+        if count > room or self.session.mic_watched:
+            return False
+        self._held_audio.append(raw)
+        self._held_wire = count
+        return True
+
+    def _new_hold_room(self) -> None:
+        """After a pass: how many wire samples the next appends may hold (`_hold`)."""
+        if not self._defer or self.config.turn_detection is None:
+            self._hold_room = 0
+            return
+        self._hold_width = 2 if self.config.input_format.encoding == "pcm16" else 1
+        slack = self.session.audio_slack()
+        self._hold_room = self.to_16k.inputs_below(slack) if slack else 0
+
+    def _with_held(self, raw: bytes) -> bytes:
+        """The held audio followed by `raw` (whole samples of the same format: the held chunks passed `_hold`'s
+        check, and `raw` joins them only when it has whole samples too), and nothing held any more."""
+        if len(raw) % self._hold_width:  # malformed: the held audio goes on its own first, `raw` is refused alone
+            self._release_held()
+            return raw
+        joined = b"".join((*self._held_audio, raw))
+        self._held_audio, self._held_wire = [], 0
+        return joined
+
+    def _release_held(self) -> None:
+        """Push the held audio now (before another event, or a long append, is handled)."""
+        raw = b"".join(self._held_audio)
+        self._held_audio, self._held_wire = [], 0
+        self._take_audio(self._append_samples(raw, None), None)
+
     async def _append_offloaded(self, event: AudioAppend) -> None:
+        self._hold_room = 0  # the stream may be scored apart meanwhile: the next small append makes a pass
+        if self._held_audio:
+            self._release_held()
         raw = await self.state.offload(self._append_bytes, event)
         self._check_append(raw, event)
         samples = await self.state.offload(self._append_samples, raw, event)
@@ -577,7 +640,7 @@ class RealtimeConnection:
                                     " s; commit or clear it", "audio", event.event_id)
         self._check_audio_memory(incoming * 4, event.event_id)
 
-    def _append_samples(self, raw: bytes, event: AudioAppend) -> np.ndarray:
+    def _append_samples(self, raw: bytes, event: AudioAppend | None) -> np.ndarray:
         try:
             fmt = self.config.input_format
             if fmt.encoding == "pcm16":  # scaled as the resampler takes it in: `decode`'s samples, no copy between
@@ -585,9 +648,9 @@ class RealtimeConnection:
             return self.to_16k(decode(raw, fmt))
         except AudioFormatError as exc:
             raise ProtocolError(ErrorCode.INVALID_AUDIO, f"{exc}; expected base64 {self._fmt_text()}", "audio",
-                                event.event_id) from None
+                                None if event is None else event.event_id) from None
 
-    def _take_audio(self, samples: np.ndarray, event: AudioAppend) -> None:
+    def _take_audio(self, samples: np.ndarray, event: AudioAppend | None) -> None:
         if self.config.turn_detection is not None:
             self.session.push_audio(samples)
             return

@@ -44,6 +44,14 @@ class StreamResampler:
             return samples * scale
         return self._stream.scaled(samples, scale)
 
+    def would_emit(self, more: int) -> int:
+        """How many 16 kHz samples `more` further input samples would return now (in one chunk or several)."""
+        return more if self._stream is None else self._stream.would_emit(more)
+
+    def inputs_below(self, out: int) -> int:
+        """The most further input samples that return fewer than `out` 16 kHz samples (`would_emit` inverted)."""
+        return out - 1 if self._stream is None else self._stream.inputs_below(out)
+
     def flush(self) -> np.ndarray:
         """End of stream: the held-back tail (empty when the rates are equal); the resampler starts over."""
         if self._stream is None:

@@ -39,6 +39,8 @@ HOT_PATHS: dict[str, str] = {
               "nothing queued (no queue, task switch and ASGI receive per event)",
     "vadproc": "the VAD's model runs in a worker process fed through shared memory (duplex/vad_worker.py); "
                "off: on the event loop",
+    "defer": "appended audio that cannot complete the VAD's next window waits for the audio that can: one "
+             "decode, resample, echo-gate and VAD pass per 32 ms window instead of per event",
 }
 
 

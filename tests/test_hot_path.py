@@ -190,3 +190,115 @@ async def test_appends_taken_directly_keep_their_place_among_other_events(server
                     elif event["type"] == "error":
                         answers.append(event["error"]["event_id"])
             assert answers == ["u", f"bad{round_}a", f"bad{round_}b"]
+
+
+# --- appended audio held back until it can complete a VAD window (switch "defer") ---------------------------
+
+
+def test_held_audio_changes_nothing_the_vad_does_and_when() -> None:
+    """The realtime append path (`RealtimeConnection._hold` / `_with_held` / `_new_hold_room`) against a real
+    resampler and VAD stream: after every 20 ms append, the VAD has scored exactly the windows, with exactly the events, it
+    scores when every append is pushed at once; about a third of the appends wait (32 ms windows, 20 ms
+    events), so the one-pass-per-window saving is real. Odd chunk sizes and an odd byte count (refused, the
+    held audio pushed on its own before it) are in the stream."""
+    from duplex.vad_hub import VadHub
+    from server.resampling import StreamResampler
+    from server.wire.audio_codec import AudioFormat
+
+    speech, _ = compose([("silence", 0.5), ("speech", "What is the weather like in Paris today?"), ("silence", 0.9),
+                         ("speech", "And tomorrow?"), ("silence", 0.7)], sample_rate=24000)
+    pcm = (np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes()
+    sizes = [960] * 40 + [962, 958, 7, 1440, 480, 2]  # bytes per append (7: odd, refused)
+    sizes += [960] * ((len(pcm) - sum(n for n in sizes if n % 2 == 0)) // 960)
+    hub = VadHub(SileroModel())
+
+    def run(hold: bool, watched: bool = False) -> tuple[list[tuple[int, int]], list[tuple[str, int]], int]:
+        events: list[tuple[str, int]] = []
+        hub.add("s", VadParams(silence_duration_ms=300), lambda e: events.append((type(e).__name__, e.start_sample)))
+        stream = hub._bank.stream("s")
+        conn = SimpleNamespace(
+            _defer=hold, _held_audio=[], _held_wire=0, _hold_room=0, _hold_width=2,
+            to_16k=StreamResampler(24000, 16000),
+            config=SimpleNamespace(turn_detection=object(), input_format=AudioFormat("pcm16", 24000)),
+            session=SimpleNamespace(mic_watched=watched, audio_slack=lambda: hub.samples_until_window("s")))
+        conn._release_held = lambda: push(b"".join(conn._held_audio), clear=True)
+
+        def push(raw: bytes, clear: bool = False) -> None:
+            if clear:
+                conn._held_audio, conn._held_wire = [], 0
+            if len(raw) % 2 == 0:  # what _append_samples refuses is never pushed
+                hub.push("s", conn.to_16k(np.frombuffer(raw, "<i2").astype(np.float32) / 32768))
+
+        scored, passes, pos = [], 0, 0
+        for size in sizes:
+            if size % 2:  # a malformed append: refused, so the stream goes on from where it was
+                raw = b"\x01" * size
+            else:
+                raw, pos = pcm[pos : pos + size], pos + size
+            if not RealtimeConnection._hold(conn, raw):  # type: ignore[arg-type]
+                push(RealtimeConnection._with_held(conn, raw) if conn._held_audio else raw)  # type: ignore[arg-type]
+                RealtimeConnection._new_hold_room(conn)  # type: ignore[arg-type]
+                passes += 1
+            scored.append((stream.processed, len(events)))  # windows scored and events after this append
+        hub.remove("s")
+        return scored, events, passes
+
+    held_scored, held_events, passes = run(hold=True)
+    plain_scored, plain_events, every = run(hold=False)
+    assert every == len(sizes) and len(plain_events) >= 4
+    assert held_scored == plain_scored and held_events == plain_events
+    assert 0.55 * every < passes < 0.75 * every, (passes, every)
+    assert run(hold=True, watched=True)[2] == every  # while the session watches the microphone, nothing waits
+
+
+@pytest.mark.vllm
+async def test_a_server_holding_audio_back_reports_every_segment_where_the_audio_puts_it(server_url: str) -> None:
+    """Against the real server (holding on, its default; no responses, so nothing stops it): 20 ms appends
+    with a malformed one between them give the VAD events a local run of the same pipeline gives (int16,
+    the streaming resampler, silero with the session's parameters) at the same sample positions: no audio
+    lost, reordered or counted twice while held. The malformed append is refused with its event id."""
+    import websockets
+
+    from duplex.vad import VadStream
+    from server.resampling import StreamResampler
+    from tests.conftest import API_KEY
+
+    speech, _ = compose([("silence", 0.5), ("speech", "What is the weather like in Paris today?"), ("silence", 1.0),
+                         ("speech", "And tomorrow?"), ("silence", 1.0)], sample_rate=24000)
+    pcm = (np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes()
+    chunks = [pcm[i : i + 960] for i in range(0, len(pcm) - len(pcm) % 960, 960)]
+    params = VadParams(threshold=0.5, prefix_padding_ms=300.0, silence_duration_ms=400.0)
+    resampler, stream, expected = StreamResampler(24000, 16000), VadStream(params), []
+    for chunk in chunks:
+        stream.push(resampler(np.frombuffer(chunk, "<i2").astype(np.float32) / 32768))
+        for event in stream.process(SileroModel()):
+            if hasattr(event, "audio"):
+                expected.append(("input_audio_buffer.speech_stopped", event.end_sample // 16))
+            elif type(event).__name__ == "VadSpeechStart":
+                expected.append(("input_audio_buffer.speech_started", event.start_sample // 16))
+    assert len(expected) == 4
+
+    url = server_url.replace("http://", "ws://") + "/v1/realtime?model=vita"
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {API_KEY}"}) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+            "format": {"type": "audio/pcm", "rate": 24000},
+            "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
+                               "silence_duration_ms": 400, "create_response": False}}}}}))
+        for i, chunk in enumerate(chunks):
+            await ws.send(json.dumps({"type": APPEND, "audio": base64.b64encode(chunk).decode()}))
+            if i == 60:
+                await ws.send(json.dumps({"type": APPEND, "audio": base64.b64encode(b"odd").decode(),
+                                          "event_id": "odd"}))
+        got, refused = [], []
+        async with asyncio.timeout(60):
+            while len(got) < len(expected):
+                event = json.loads(await ws.recv())
+                if event["type"] == "error":
+                    refused.append((event["error"]["event_id"], event["error"]["code"]))
+                elif event["type"] == "input_audio_buffer.speech_started":
+                    got.append((event["type"], event["audio_start_ms"]))
+                elif event["type"] == "input_audio_buffer.speech_stopped":
+                    got.append((event["type"], event["audio_end_ms"]))
+    assert got == expected
+    assert refused == [("odd", "invalid_audio")]

@@ -329,3 +329,30 @@ def test_short_side_resize_truncates_like_transformers(
     manual = image.resize((rw, rh), Image.Resampling.BICUBIC).crop((left, top, left + 448, top + 448))
     assert tile.size == (448, 448)
     np.testing.assert_array_equal(np.asarray(tile), np.asarray(manual))
+
+
+@pytest.mark.parametrize("rates", [(24000, 16000), (8000, 16000), (48000, 16000), (44100, 16000), (22050, 16000),
+                                   (16000, 16000)])
+def test_would_emit_counts_what_the_next_chunks_return(rates: tuple[int, int]) -> None:
+    """`would_emit(n)` (the realtime path holds audio back by it, issue 14) is the output of the next n input
+    samples, whether they come as one chunk or several, short or past the preallocated buffer."""
+    rng = np.random.default_rng(sum(rates))
+    stream = StreamingResampler(*rates)
+    for _ in range(200):
+        sizes = [int(n) for n in rng.integers(0, 2000, size=int(rng.integers(1, 4)))]
+        if rng.random() < 0.05:
+            sizes.append(6000)
+        promised = stream.would_emit(sum(sizes))
+        got = sum(stream(rng.standard_normal(n).astype(np.float32)).size for n in sizes)
+        assert got == promised, (sizes, got, promised)
+
+
+@pytest.mark.parametrize("rates", [(24000, 16000), (8000, 16000), (48000, 16000), (44100, 16000), (16000, 16000)])
+def test_inputs_below_is_the_most_input_that_stays_below(rates: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(rates) + 1)
+    stream = StreamingResampler(*rates)
+    for _ in range(200):
+        out = int(rng.integers(1, 1200))
+        m = stream.inputs_below(out)
+        assert stream.would_emit(max(m, 0)) < out <= stream.would_emit(m + 1)
+        stream(rng.standard_normal(int(rng.integers(0, 900))).astype(np.float32))

@@ -472,3 +472,194 @@ async def test_hub_gathers_pushes_made_at_different_moments_into_one_call(
         assert counting.batches == [streams], counting.batches
     else:
         assert counting.batches == [1] * streams, counting.batches  # few streams: no added latency
+
+
+# --- the bank's state table and round bookkeeping (issue 14) -------------------------------------
+
+
+def test_rounds_feed_each_stream_its_own_state_through_growth_removal_and_detach(
+    model: SileroModel, dialogue, beckett, monkeypatch
+) -> None:
+    """Rounds taken and finished by hand, with a shadow of every stream's LSTM state: the model gets exactly
+    (bit for bit) each stream's last state, each stream gets exactly its row's probability and new state,
+    while the state table grows past its first slots (also between `take_round` and `finish_round`), streams
+    are removed, replaced (their slot reused) and detached mid-round, and a detached stream is scored alone
+    and put back. The streams that stay have the events of their audio scored alone."""
+    audio = np.concatenate([dialogue[0], beckett])
+    clips = {sid: np.roll(audio, -sid * 37_003)[: 6 * 16_000] for sid in range(12)}
+    bank = VadBank(model, max_batch=5, table_slots=2)
+    shadow: dict[int, np.ndarray] = {}  # each stream's state as it should be
+    fed: dict[int, int] = {}  # samples pushed to each stream so far
+    events: dict[int, list[VadEvent]] = {}
+    removed: set[int] = set()
+    accepted: list[tuple[VadStream, float]] = []
+    accept = VadStream._accept
+    monkeypatch.setattr(VadStream, "_accept", lambda s, w, p: accepted.append((s, p)) or accept(s, w, p))
+
+    def params(sid: int) -> VadParams:
+        return VadParams(silence_duration_ms=300 + 50 * (sid % 4))
+
+    def add(sid: int) -> None:
+        bank.add_stream(sid, params(sid))
+        shadow[sid], fed[sid], events[sid] = np.zeros((2, 1, 128), np.float32), 0, []
+
+    def one_round(between=None) -> None:
+        group = bank.take_round()
+        if not group:
+            return
+        np.testing.assert_array_equal(bank.state_table[:, group.slots],
+                                      np.concatenate([shadow[sid] for sid in group.ids], axis=1))
+        probs, states = bank.score_round(group)
+        if between is not None:
+            between(group)
+        accepted.clear()
+        for sid, ev in bank.finish_round(group, probs, states):
+            events[sid].append(ev)
+        kept = [(j, sid, s) for j, (sid, s) in enumerate(zip(group.ids, group.streams))
+                if sid in bank and bank.stream(sid) is s]
+        assert len(kept) < len(group) or between is None or between is grow
+        assert accepted == [(s, float(probs[j])) for j, _, s in kept]  # the row's probability, in order
+        for j, sid, _ in kept:
+            shadow[sid] = states[:, j : j + 1].copy()
+
+    def grow(group) -> None:
+        for sid in range(6, 12):
+            add(sid)
+
+    def remove(group) -> None:
+        removed.add(group.ids[0])
+        bank.remove_stream(group.ids[0])
+
+    def replace(group) -> None:  # the new stream takes the old one's slot: its own state must stay zeros
+        sid = group.ids[-1]
+        bank.remove_stream(sid)
+        add(sid)
+
+    for sid in range(6):
+        add(sid)
+    rng = np.random.default_rng(14)
+    detached: VadStream | None = None
+    for step in range(150):
+        for sid in list(fed):
+            if sid in bank and fed[sid] < clips[sid].size:
+                n = int(rng.choice([320, 480, 1000, 2048]))
+                bank.push(sid, clips[sid][fed[sid] : fed[sid] + n])
+                fed[sid] += n
+        if step == 20:
+            one_round(between=grow)  # the table grows while a round is out
+        elif step == 40:
+            one_round(between=remove)  # skipped, its slot free for the next stream
+        elif step == 60:
+            one_round(between=replace)
+        elif step == 80:
+            detached = bank.detach(4)
+            np.testing.assert_array_equal(detached.state, shadow[4])  # its state left the table with it
+            detached.push(clips[4][fed[4] : fed[4] + 16_000])  # scored alone meanwhile
+            fed[4] += 16_000
+            events[4] += detached.process(model)
+            shadow[4] = detached.state.copy()
+        elif step == 90 and detached is not None:
+            bank.attach(4, detached)
+            np.testing.assert_array_equal(bank.stream(4).state, shadow[4])
+        else:
+            one_round()
+        for sid in bank._streams:
+            np.testing.assert_array_equal(bank.stream(sid).state, shadow[sid])
+    while bank._pushed:
+        one_round()
+    assert bank.state_table.shape[1] >= 11 and len(bank) == 11 and len(removed) == 1
+    for sid in set(range(12)) - removed:
+        events[sid] += bank.flush(sid)
+        assert_same_events(events[sid], run_whole(model, clips[sid][: fed[sid]], params(sid)))
+    assert sum(len(segments(e)) for e in events.values()) >= 10
+
+
+def test_a_stream_left_alone_keeps_its_state_and_the_table_none_of_it(model: SileroModel, beckett) -> None:
+    bank = VadBank(model, table_slots=1)
+    a, b = bank.add_stream("a"), bank.add_stream("b")  # b made the table grow: a's state moved with it
+    for sid in ("a", "b"):
+        bank.push(sid, beckett[:8_000])
+    bank.process()
+    state_a = a.state
+    assert state_a.shape == (2, 1, 128) and np.abs(state_a).sum() > 0
+    assert not np.shares_memory(state_a, bank.state_table)  # a copy: no stale view when the table grows
+    for i in range(6):
+        bank.add_stream(i)
+    np.testing.assert_array_equal(a.state, state_a)
+    alone = bank.detach("a")
+    assert alone._table is None and alone.state is not None
+    np.testing.assert_array_equal(alone.state, state_a)
+    bank.remove_stream("b")
+    assert b._table is None and np.abs(b.state).sum() > 0
+    c = bank.add_stream("c")  # a freed slot: the new stream starts from zeros
+    np.testing.assert_array_equal(c.state, np.zeros((2, 1, 128), np.float32))
+
+
+def test_samples_until_window(model: SileroModel) -> None:
+    stream = VadStream()
+    assert stream.samples_until_window == WINDOW
+    stream.push(np.zeros(100, np.float32))
+    assert stream.samples_until_window == WINDOW - 100
+    stream.push(np.zeros(412, np.float32))
+    assert stream.samples_until_window == WINDOW  # one full window: 512 more make the next one
+    stream.push(np.zeros(600, np.float32))
+    assert stream.windows_ready == 2 and stream.samples_until_window == WINDOW - (1112 % WINDOW)
+    bank = VadBank(model)
+    s = bank.add_stream("s")
+    assert bank.samples_until_window("s") == WINDOW and bank.samples_until_window("nobody") == 0
+    bank.push("s", np.zeros(1_200, np.float32))
+    assert bank.samples_until_window("s") == WINDOW - 1_200 % WINDOW
+    group = bank.take_round()  # a window in flight counts as scored
+    assert s.windows_ready == 1 and bank.samples_until_window("s") == WINDOW - (1_200 - WINDOW) % WINDOW
+    bank.finish_round(group, *bank.score_round(group))
+    bank.process()
+    assert s.windows_ready == 0 and bank.samples_until_window("s") == WINDOW - 1_200 % WINDOW
+    bank.detach("s")
+    assert bank.samples_until_window("s") == 0
+
+
+async def test_hub_samples_until_window(model: SileroModel) -> None:
+    import asyncio
+
+    from duplex.vad_hub import VadHub
+
+    hub = VadHub(model, coalesce_from=1, coalesce_s=0.0)
+    assert hub.samples_until_window("a") == 0  # unknown
+    hub.add("a", VadParams(), lambda event: None)
+    assert hub.samples_until_window("a") == WINDOW
+    hub.push("a", np.zeros(700, np.float32))
+    assert hub.samples_until_window("a") == WINDOW - 700 % WINDOW  # scored or not, the same
+    await asyncio.sleep(0.01)
+    assert hub._bank.stream("a").processed == WINDOW and hub.samples_until_window("a") == WINDOW - 700 % WINDOW
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def run(fn, *args):
+        started.set()
+        await release.wait()
+        return fn(*args)
+
+    offloaded = asyncio.ensure_future(hub.push_offloaded("a", np.zeros(100, np.float32), run))
+    await started.wait()
+    assert hub.samples_until_window("a") == 0  # detached: scored in a thread
+    release.set()
+    await offloaded
+    assert hub.samples_until_window("a") == WINDOW - 800 % WINDOW
+    hub.remove("a")
+    assert hub.samples_until_window("a") == 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: x, lambda x: x.astype(np.float64), lambda x: list(x.astype(float)),
+    lambda x: np.repeat(x, 2)[::2], lambda x: np.round(x * 32767).astype(np.int16),
+])
+def test_push_fast_path_buffers_what_the_conversion_gives(make) -> None:
+    x = np.random.default_rng(2).uniform(-0.5, 0.5, 700).astype(np.float32)
+    data = make(x)
+    stream = VadStream()
+    stream.push(data)
+    want = np.asarray(data).astype(np.float32) / 32768.0 if np.asarray(data).dtype == np.int16 \
+        else np.asarray(data).astype(np.float32)
+    np.testing.assert_array_equal(stream._buf[CONTEXT : CONTEXT + 700], want)
+    with pytest.raises(ValueError):
+        stream.push(np.zeros((2, 10), np.float32))

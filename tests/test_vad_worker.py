@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from duplex.vad import SileroModel, VadEvent, VadParams, VadSpeechEnd, VadStream
+from duplex.vad import SileroModel, VadBank, VadEvent, VadParams, VadSpeechEnd, VadStream
 from duplex.vad_hub import VadHub
 from duplex.vad_worker import VadWorker, VadWorkerError
 from tests.speech import load_beckett
@@ -214,18 +214,23 @@ def test_worker_rounds_equal_in_process_calls(model: SileroModel, audio) -> None
         worker.wait_started()
         assert worker.graph == model.graph
         rng = np.random.default_rng(0)
+        table = rng.standard_normal((2, 2 * worker.rows, 128)).astype(np.float32)  # a bank's state table
         for b in (1, 7, worker.rows):
             windows = [rng.standard_normal(576).astype(np.float32) * 0.1 for _ in range(b)]
-            states = [rng.standard_normal((2, 1, 128)).astype(np.float32) for _ in range(b)]
-            worker.submit(windows, states)
+            slots = rng.permutation(table.shape[1])[:b]  # the round's streams' slots, in no order
+            worker.submit(windows, table, slots)
             with pytest.raises(VadWorkerError):
-                worker.submit(windows, states)  # one round at a time
+                worker.submit(windows, table, slots)  # one round at a time
             probs, new_states = worker.reply(block=True)
-            want_p, want_s = model.run_batch(np.stack(windows), np.concatenate(states, axis=1))
+            want_p, want_s = model.run_batch(np.stack(windows), table[:, slots])
+            np.testing.assert_array_equal(probs, want_p)
+            np.testing.assert_array_equal(new_states, want_s)
+            worker.submit(windows, np.ascontiguousarray(table[:, slots]))  # the round's states themselves
+            probs, new_states = worker.reply(block=True)
             np.testing.assert_array_equal(probs, want_p)
             np.testing.assert_array_equal(new_states, want_s)
         with pytest.raises(VadWorkerError):
-            worker.submit([np.zeros(576, np.float32)] * (worker.rows + 1), [np.zeros((2, 1, 128), np.float32)] * (worker.rows + 1))
+            worker.submit([np.zeros(576, np.float32)] * (worker.rows + 1), table, np.arange(worker.rows + 1))
     finally:
         worker.close()
     assert not worker.alive
@@ -262,3 +267,61 @@ async def test_a_worker_that_dies_between_rounds_is_noticed_at_once(model: Siler
     finally:
         hub.close()
     assert got == _alone(model, audio[2])
+
+
+async def _drive_with_changes(hub: VadHub, audio: list[np.ndarray]) -> dict[str, list[VadEvent]]:
+    """`_drive` while streams come and go: stream 5 replaced (a new stream under its id, fed from there on),
+    stream 7 removed for good, six streams added halfway (reusing the freed slot, growing the state table),
+    some of it likely while a round is in flight. Events by stream (a replacement under a name of its own)."""
+    got: dict[str, list[VadEvent]] = {}
+
+    def add(sid: int, name: str) -> None:
+        got[name] = []
+        hub.add(sid, PARAMS, got[name].append)
+
+    for i in range(len(audio) - 6):
+        add(i, str(i))
+    for step in range(len(audio[0]) // CHUNK):
+        if step == 30:
+            hub.remove(5)
+            add(5, "5 from 30")
+        elif step == 40:
+            hub.remove(7)
+        elif step == 50:
+            for i in range(len(audio) - 6, len(audio)):
+                add(i, f"{i} from 50")
+        for i, clip in enumerate(audio):
+            hub.push(i, clip[step * CHUNK : (step + 1) * CHUNK])
+            if i % 6 == 0:
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.002)
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+    return got
+
+
+async def test_worker_and_event_loop_give_the_same_events_as_streams_come_and_go(model: SileroModel, audio) -> None:
+    """The state table under both paths: the worker's rounds (states gathered into shared memory by slot) and
+    the loop's give identical events, each stream's those of its audio alone, with streams replaced, removed
+    and added mid-run and the table growing from 4 slots."""
+    clips = audio + [np.roll(clip, 48_000) for clip in audio[:6]]
+    runs = []
+    for use_worker in (False, True):
+        hub = VadHub(model)
+        hub._bank = VadBank(model, table_slots=4)
+        try:
+            if use_worker:
+                await _started(hub)
+            runs.append(await _drive_with_changes(hub, clips))
+            assert hub._bank.state_table.shape[1] >= len(clips) - 1
+        finally:
+            hub.close()
+    in_loop, in_worker = runs
+    _assert_same(in_worker, in_loop)
+    start = {"5 from 30": 30 * CHUNK, **{f"{i} from 50": 50 * CHUNK for i in range(len(clips) - 6, len(clips))}}
+    for name, events in in_loop.items():
+        sid = int(name.split()[0])
+        if name in ("5", "7"):  # removed: their windows pending then were dropped
+            continue
+        assert events == _alone(model, clips[sid][start.get(name, 0) :]), name
+    assert sum(isinstance(e, VadSpeechEnd) for events in in_loop.values() for e in events) >= 20
