@@ -410,9 +410,9 @@ class RealtimeConnection:
 
     def _handle(self, event: Any) -> Awaitable[None] | None:
         if type(event) is not AudioAppend:
-            self._hold_room = 0
             if self._held_audio:  # every other event sees all audio before it
                 self._release_held()
+            self._hold_room = 0  # it may change the stream or the format: the next append makes a pass
         handler = {
             SessionUpdate: self._on_session_update,
             AudioAppend: self._on_append,
@@ -608,11 +608,12 @@ class RealtimeConnection:
         raw = b"".join(self._held_audio)
         self._held_audio, self._held_wire = [], 0
         self._take_audio(self._append_samples(raw, None), None)
+        self._new_hold_room()
 
     async def _append_offloaded(self, event: AudioAppend) -> None:
-        self._hold_room = 0  # the stream may be scored apart meanwhile: the next small append makes a pass
         if self._held_audio:
             self._release_held()
+        self._hold_room = 0  # the stream may be scored apart meanwhile: the next small append makes a pass
         raw = await self.state.offload(self._append_bytes, event)
         self._check_append(raw, event)
         samples = await self.state.offload(self._append_samples, raw, event)

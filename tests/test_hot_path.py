@@ -199,8 +199,8 @@ def test_held_audio_changes_nothing_the_vad_does_and_when() -> None:
     """The realtime append path (`RealtimeConnection._hold` / `_with_held` / `_new_hold_room`) against a real
     resampler and VAD stream: after every 20 ms append, the VAD has scored exactly the windows, with exactly the events, it
     scores when every append is pushed at once; about a third of the appends wait (32 ms windows, 20 ms
-    events), so the one-pass-per-window saving is real. Odd chunk sizes and an odd byte count (refused, the
-    held audio pushed on its own before it) are in the stream."""
+    events), so the one-pass-per-window saving is real. Odd chunk sizes and malformed appends (an odd byte
+    count: refused, the held audio pushed on its own before it) are in the stream."""
     from duplex.vad_hub import VadHub
     from server.resampling import StreamResampler
     from server.wire.audio_codec import AudioFormat
@@ -208,26 +208,36 @@ def test_held_audio_changes_nothing_the_vad_does_and_when() -> None:
     speech, _ = compose([("silence", 0.5), ("speech", "What is the weather like in Paris today?"), ("silence", 0.9),
                          ("speech", "And tomorrow?"), ("silence", 0.7)], sample_rate=24000)
     pcm = (np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes()
-    sizes = [960] * 40 + [962, 958, 7, 1440, 480, 2]  # bytes per append (7: odd, refused)
-    sizes += [960] * ((len(pcm) - sum(n for n in sizes if n % 2 == 0)) // 960)
+    sizes = [960] * 40 + [962, 958, 7, 1440, 480, 2]  # bytes per append (odd: malformed, refused)
+    for i in range((len(pcm) - sum(n for n in sizes if n % 2 == 0)) // 960):
+        sizes += [960, 3] if i % 23 == 22 else [960]  # a malformed one now and then, some while audio is held
     hub = VadHub(SileroModel())
 
     def run(hold: bool, watched: bool = False) -> tuple[list[tuple[int, int]], list[tuple[str, int]], int]:
         events: list[tuple[str, int]] = []
         hub.add("s", VadParams(silence_duration_ms=300), lambda e: events.append((type(e).__name__, e.start_sample)))
         stream = hub._bank.stream("s")
-        conn = SimpleNamespace(
+        conn: Any = SimpleNamespace(
             _defer=hold, _held_audio=[], _held_wire=0, _hold_room=0, _hold_width=2,
             to_16k=StreamResampler(24000, 16000),
             config=SimpleNamespace(turn_detection=object(), input_format=AudioFormat("pcm16", 24000)),
             session=SimpleNamespace(mic_watched=watched, audio_slack=lambda: hub.samples_until_window("s")))
-        conn._release_held = lambda: push(b"".join(conn._held_audio), clear=True)
+        # the connection's own methods, with decoding and the session's push as _append_samples/_take_audio do them
+        conn._append_samples = lambda raw, event: conn.to_16k(np.frombuffer(raw, "<i2").astype(np.float32) / 32768)
+        conn._take_audio = lambda samples, event: hub.push("s", samples)
+        for name in ("_new_hold_room", "_release_held"):
+            setattr(conn, name, getattr(RealtimeConnection, name).__get__(conn))
 
-        def push(raw: bytes, clear: bool = False) -> None:
-            if clear:
-                conn._held_audio, conn._held_wire = [], 0
-            if len(raw) % 2 == 0:  # what _append_samples refuses is never pushed
-                hub.push("s", conn.to_16k(np.frombuffer(raw, "<i2").astype(np.float32) / 32768))
+        def on_append(raw: bytes) -> bool:  # RealtimeConnection._on_append after its checks; True: a pass
+            if RealtimeConnection._hold(conn, raw):
+                return False
+            if conn._held_audio:
+                raw = RealtimeConnection._with_held(conn, raw)
+            if len(raw) % 2:  # _append_samples refuses it (an error event) before anything else happens
+                return True
+            conn._take_audio(conn._append_samples(raw, None), None)
+            conn._new_hold_room()
+            return True
 
         scored, passes, pos = [], 0, 0
         for size in sizes:
@@ -235,17 +245,14 @@ def test_held_audio_changes_nothing_the_vad_does_and_when() -> None:
                 raw = b"\x01" * size
             else:
                 raw, pos = pcm[pos : pos + size], pos + size
-            if not RealtimeConnection._hold(conn, raw):  # type: ignore[arg-type]
-                push(RealtimeConnection._with_held(conn, raw) if conn._held_audio else raw)  # type: ignore[arg-type]
-                RealtimeConnection._new_hold_room(conn)  # type: ignore[arg-type]
-                passes += 1
+            passes += on_append(raw)
             scored.append((stream.processed, len(events)))  # windows scored and events after this append
         hub.remove("s")
         return scored, events, passes
 
     held_scored, held_events, passes = run(hold=True)
     plain_scored, plain_events, every = run(hold=False)
-    assert every == len(sizes) and len(plain_events) >= 4
+    assert every == len(sizes) and len(plain_events) >= 4 and sizes.count(3) >= 8
     assert held_scored == plain_scored and held_events == plain_events
     assert 0.55 * every < passes < 0.75 * every, (passes, every)
     assert run(hold=True, watched=True)[2] == every  # while the session watches the microphone, nothing waits
