@@ -27,7 +27,7 @@ from pydantic_settings import (
 StrList = Annotated[list[str], NoDecode]
 
 # The realtime input path's CPU optimisations (issue 14), each on by default and switchable (hot_path_off).
-HotPath = Literal["ws", "wsframe", "append", "idle", "memcheck", "vad", "vadproc", "direct"]
+HotPath = Literal["ws", "wsframe", "append", "idle", "memcheck", "vad", "vadproc", "direct", "defer"]
 HOT_PATHS: dict[str, str] = {
     "ws": "uvicorn's sans-I/O WebSocket protocol reading ahead (server/ws_protocol.py); off: its legacy one",
     "wsframe": "complete unfragmented text frames parsed by ws_protocol.py itself, the rest by websockets' parser",

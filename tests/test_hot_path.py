@@ -309,3 +309,13 @@ async def test_a_server_holding_audio_back_reports_every_segment_where_the_audio
                     got.append((event["type"], event["audio_end_ms"]))
     assert got == expected
     assert refused == [("odd", "invalid_audio")]
+
+
+def test_every_switch_can_be_turned_off() -> None:
+    """Each optimisation bench/load.py --compare names (HOT_PATHS) is a value hot_path_off accepts, and back."""
+    from typing import get_args
+
+    from server.settings import HOT_PATHS, HotPath, ServerSettings
+
+    assert set(get_args(HotPath)) == set(HOT_PATHS)
+    assert ServerSettings(hot_path_off=list(HOT_PATHS)).hot_path_off == list(HOT_PATHS)
