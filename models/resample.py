@@ -135,6 +135,9 @@ def _apply(kernel: SincKernel, buf: np.ndarray) -> np.ndarray:
 
 
 _CHUNK_CAPACITY = 4096  # input samples a chunk may have to go through the preallocated buffer (larger: a copy)
+# (fill, chunk size) plans a resampler keeps: a client's steady chunks need one, the server's held-back audio
+# (one 20 ms chunk or two joined, at a few fills; issue 14) a handful; each holds at most a chunk's rows.
+_PLANS_KEPT = 4
 
 
 def _group_size(kernel: SincKernel) -> int:
@@ -176,7 +179,7 @@ class StreamingResampler:
     held-back samples and the chunk share one preallocated buffer; the complete windows are copied, `group`
     consecutive blocks to a row, into a contiguous matrix and multiplied by the kernel for that many blocks
     (`_grouped_matrix`) in one BLAS product (numpy's product over the strided windows themselves cannot use
-    BLAS: its rows overlap); the views and the matrix are kept while chunks keep their size. The sums are
+    BLAS: its rows overlap); the views and the matrix are kept for the last few (fill, chunk size) pairs. The sums are
     those of `_apply` (the same kernel, the same windows, plus products with exact zeros) in BLAS's order:
     equal to `resample` to float32 rounding (~2e-7; tests/test_resample.py). ~4 us per 20 ms chunk at
     24 -> 16 kHz on this project's CPU, against 9 us with a concatenation, a new view and numpy's own
@@ -193,13 +196,13 @@ class StreamingResampler:
         self._group = 1 if kernel is None else _group_size(kernel)
         self._grouped = None if kernel is None or self._group == 1 else _grouped_matrix(kernel, self._group)
         self._matrix = None if kernel is None else kernel.matrix
+        # Plans by (fill, chunk size): views of the buffer, valid for its life, so kept across streams.
+        self._plans: dict[tuple[int, int], _Plan] = {}
         self._reset()
 
     def _reset(self) -> None:
         self._fill = self._kernel.width if self._kernel is not None else 0  # the offline left zero padding
         self._buf[: self._fill] = 0.0
-        self._plan_key = (-1, -1)  # `_plan` is for appending _plan_key[1] samples to buf[:_plan_key[0]]
-        self._plan: _Plan | None = None
         self._received = 0  # input samples of this stream
         self._emitted = 0  # output samples of this stream
 
@@ -258,7 +261,7 @@ class StreamingResampler:
         """Append a float32 chunk (or ``chunk * scale``) to buf[:fill]; the output of every complete block,
         which it consumes."""
         key = (self._fill, chunk.size)
-        plan = self._plan if key == self._plan_key else self._make_plan(*key)
+        plan = self._plans.get(key) or self._make_plan(*key)
         if plan is None:  # a long chunk: through a new array, as one offline call would
             return self._run_long(chunk if scale is None else chunk * scale)
         into, fill, windows, rows, tail, keep, kept = plan
@@ -290,26 +293,29 @@ class StreamingResampler:
         end = fill + size
         if end > buf.size:
             return None
-        self._plan_key = (fill, size)
         into = buf[fill:end]
         if end < kernel.taps:
-            self._plan = (into, end, None, None, None, None, None)
-            return self._plan
+            return self._keep_plan(fill, size, (into, end, None, None, None, None, None))
         blocks = (end - kernel.taps) // kernel.orig + 1
         step, used = buf.strides[0], blocks * kernel.orig
         keep, kept = buf[: end - used], buf[used:end]
         if group == 1:
             windows = np.ndarray((blocks, kernel.taps), np.float32, buffer=buf, strides=(step * kernel.orig, step))
-            self._plan = (into, end - used, windows, None, None, keep, kept)
-            return self._plan
+            return self._keep_plan(fill, size, (into, end - used, windows, None, None, keep, kept))
         count, width = blocks // group, kernel.orig * (group - 1) + kernel.taps
         grouped = np.ndarray((count, width), np.float32, buffer=buf, strides=(step * kernel.orig * group, step))
         tail = None
         if blocks % group:
             tail = np.ndarray((blocks % group, kernel.taps), np.float32, buffer=buf,
                               offset=count * group * kernel.orig * step, strides=(step * kernel.orig, step))
-        self._plan = (into, end - used, grouped, np.empty((count, width), np.float32), tail, keep, kept)
-        return self._plan
+        return self._keep_plan(fill, size, (into, end - used, grouped, np.empty((count, width), np.float32), tail,
+                                            keep, kept))
+
+    def _keep_plan(self, fill: int, size: int, plan: _Plan) -> _Plan:
+        if len(self._plans) >= _PLANS_KEPT:
+            self._plans.clear()
+        self._plans[fill, size] = plan
+        return plan
 
     def _run_long(self, chunk: np.ndarray) -> np.ndarray:
         kernel = self._kernel
