@@ -463,7 +463,7 @@ class RealtimeConnection:
     def _wire_samples(self, raw: bytes, param: str, event_id: str | None) -> int:
         """Samples in `raw` at the input format's rate, refusing (before decoding) more than one turn holds."""
         fmt = self.config.input_format
-        count = len(raw) // 2 if fmt.encoding == "pcm16" else len(raw)
+        count = len(raw) // fmt.sample_bytes
         longest = self.state.settings.max_buffered_audio_s
         if count > longest * fmt.rate:  # audio_duration_problem's bound, tested first: a call less per event
             problem = limits.audio_duration_problem(count, fmt.rate, longest, "the audio of one event")
@@ -589,7 +589,7 @@ class RealtimeConnection:
         if not self._defer or self.config.turn_detection is None:
             self._hold_room = 0
             return
-        self._hold_width = 2 if self.config.input_format.encoding == "pcm16" else 1
+        self._hold_width = self.config.input_format.sample_bytes
         slack = self.session.audio_slack()
         self._hold_room = self.to_16k.inputs_below(slack) if slack else 0
 

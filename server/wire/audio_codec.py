@@ -51,6 +51,11 @@ class AudioFormat:
                 return cls("pcmu" if kind == "audio/pcmu" else "pcma", 8000)
         raise AudioFormatError(f"unsupported audio format {spec!r}; accepted: {ACCEPTED}")
 
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes per sample on the wire: PCM16's two, G.711's one."""
+        return 2 if self.encoding == "pcm16" else 1
+
     def to_ga(self) -> dict:
         if self.encoding == "pcm16":
             return {"type": "audio/pcm", "rate": self.rate}
