@@ -50,7 +50,7 @@ from .realtime_config import RealtimeConfig
 from .realtime_conversation import OUTPUT_RATE, Conversation, new_item_id
 from .resampling import StreamResampler
 from .state import AppState
-from .wire.audio_codec import PCM16_SCALE, AudioFormat, AudioFormatError, decode, pcm16_samples
+from .wire.audio_codec import AudioFormat, AudioFormatError, check_pcm16, decode
 from .wire.client_events import (
     AudioAppend,
     AudioClear,
@@ -67,6 +67,7 @@ from .wire.client_events import (
     TextAppend,
     Transcription,
     TurnDetection,
+    audio_append_fields,
     parse_audio_append,
     parse_client_event,
 )
@@ -167,7 +168,7 @@ class RealtimeConnection:
             vad_defaults=vad_defaults,
             turn_detection=vad_defaults,
         )
-        self.to_16k = StreamResampler(self.config.input_format.rate, 16000)
+        self.to_16k = _input_resampler(self.config.input_format)
         self.events = ServerEventEncoder()
         self.conversation = Conversation(self.events, self.config, self.state.metrics, self.session_id)
         self.manual_audio: list[np.ndarray] = []
@@ -393,12 +394,12 @@ class RealtimeConnection:
         `_read`. Saves the queue, a task switch and the ASGI receive chain per 20 ms event (issue 14)."""
         if not self._waiting or self._closing is not None or len(text) > self._direct_chars:
             return False
-        append = parse_audio_append(text)
-        if append is None or len(append.audio) > limits.OFFLOAD_AUDIO_CHARS:
+        fields = audio_append_fields(text)  # what the handler reads of the event, without building it
+        if fields is None or len(fields[0]) > limits.OFFLOAD_AUDIO_CHARS:
             return False
         self._last_input = self._loop_time()
         try:
-            self._on_append(append)  # small: never returns an awaitable (checked above)
+            self._append(*fields)  # small: never returns an awaitable (checked above)
         except (ProtocolError, ValueError) as exc:
             self._refused(exc)
         except Exception as exc:  # what would have ended _read ends the session the same way
@@ -492,7 +493,7 @@ class RealtimeConnection:
         except AudioFormatError as exc:
             raise ProtocolError(ErrorCode.INVALID_AUDIO_FORMAT, str(exc), "session.audio", event.event_id) from None
         if new_in != config.input_format:
-            config.input_format, self.to_16k = new_in, StreamResampler(new_in.rate, 16000)
+            config.input_format, self.to_16k = new_in, _input_resampler(new_in)
         config.output_format = new_out
         modalities = cfg.modalities_given()
         if modalities:
@@ -555,16 +556,20 @@ class RealtimeConnection:
         self.config.transcription = effect
 
     def _on_append(self, event: AudioAppend) -> Awaitable[None] | None:
+        return self._append(event.audio, event.event_id)
+
+    def _append(self, audio: str, event_id: str | None) -> Awaitable[None] | None:
+        """`input_audio_buffer.append`'s handler, from its two fields (`_take_directly` builds no event)."""
         # A client's usual 20-100 ms chunks are handled here; seconds of audio at once go off the loop.
-        if len(event.audio) > limits.OFFLOAD_AUDIO_CHARS:
-            return self._append_offloaded(event)
-        raw = self._append_bytes(event)
-        self._check_append(raw, event)
+        if len(audio) > limits.OFFLOAD_AUDIO_CHARS:
+            return self._append_offloaded(audio, event_id)
+        raw = self._append_bytes(audio, event_id)
+        self._check_append(raw, event_id)
         if self._hold(raw):
             return None
         if self._held_audio:
             raw = self._with_held(raw)
-        self._take_audio(self._append_samples(raw, event), event)
+        self._take_audio(self._append_samples(raw, event_id))
         self._new_hold_room()
         return None
 
@@ -607,51 +612,52 @@ class RealtimeConnection:
         """Push the held audio now (before another event, or a long append, is handled)."""
         raw = b"".join(self._held_audio)
         self._held_audio, self._held_wire = [], 0
-        self._take_audio(self._append_samples(raw, None), None)
+        self._take_audio(self._append_samples(raw, None))
         self._new_hold_room()
 
-    async def _append_offloaded(self, event: AudioAppend) -> None:
+    async def _append_offloaded(self, audio: str, event_id: str | None) -> None:
         if self._held_audio:
             self._release_held()
         self._hold_room = 0  # the stream may be scored apart meanwhile: the next small append makes a pass
-        raw = await self.state.offload(self._append_bytes, event)
-        self._check_append(raw, event)
-        samples = await self.state.offload(self._append_samples, raw, event)
+        raw = await self.state.offload(self._append_bytes, audio, event_id)
+        self._check_append(raw, event_id)
+        samples = await self.state.offload(self._append_samples, raw, event_id)
         if self.config.turn_detection is not None:
             await self.session.push_audio_offloaded(samples)  # the VAD scores it off the loop too
             return
-        self._take_audio(samples, event)
+        self._take_audio(samples)
 
-    def _append_bytes(self, event: AudioAppend) -> bytes:
+    def _append_bytes(self, audio: str, event_id: str | None) -> bytes:
         try:
-            return decode_base64(event.audio, "audio", allow_empty=True)
+            return decode_base64(audio, "audio", allow_empty=True)
         except InlineDataError as exc:
             raise ProtocolError(ErrorCode.INVALID_AUDIO, f"{exc}; expected base64 {self._fmt_text()}", "audio",
-                                event.event_id) from None
+                                event_id) from None
 
-    def _check_append(self, raw: bytes, event: AudioAppend) -> None:
+    def _check_append(self, raw: bytes, event_id: str | None) -> None:
         """Bounds from the byte count, before anything is decoded or resampled."""
         config = self.config
-        incoming = limits.model_samples(self._wire_samples(raw, "audio", event.event_id), config.input_format.rate)
+        incoming = limits.model_samples(self._wire_samples(raw, "audio", event_id), config.input_format.rate)
         if config.turn_detection is None:
             limit = int(self.state.settings.max_buffered_audio_s * 16000)
             if self.manual_samples + incoming > limit:
                 raise ProtocolError(ErrorCode.INPUT_AUDIO_BUFFER_FULL,
                                     f"the input audio buffer holds at most {self.state.settings.max_buffered_audio_s:.0f}"
-                                    " s; commit or clear it", "audio", event.event_id)
-        self._check_audio_memory(incoming * 4, event.event_id)
+                                    " s; commit or clear it", "audio", event_id)
+        self._check_audio_memory(incoming * 4, event_id)
 
-    def _append_samples(self, raw: bytes, event: AudioAppend | None) -> np.ndarray:
+    def _append_samples(self, raw: bytes, event_id: str | None) -> np.ndarray:
         try:
             fmt = self.config.input_format
-            if fmt.encoding == "pcm16":  # scaled as the resampler takes it in: `decode`'s samples, no copy between
-                return self.to_16k.scaled(pcm16_samples(raw), PCM16_SCALE)
+            if fmt.encoding == "pcm16":  # the resampler takes the bytes: `decode`'s samples, no array between
+                check_pcm16(raw)
+                return self.to_16k.pcm16(raw)
             return self.to_16k(decode(raw, fmt))
         except AudioFormatError as exc:
             raise ProtocolError(ErrorCode.INVALID_AUDIO, f"{exc}; expected base64 {self._fmt_text()}", "audio",
-                                None if event is None else event.event_id) from None
+                                event_id) from None
 
-    def _take_audio(self, samples: np.ndarray, event: AudioAppend | None) -> None:
+    def _take_audio(self, samples: np.ndarray) -> None:
         if self.config.turn_detection is not None:
             self.session.push_audio(samples)
             return
@@ -870,6 +876,11 @@ def _flag(value: str | None, default: bool) -> bool:
         return default
     return {"1": True, "true": True, "on": True, "yes": True,
             "0": False, "false": False, "off": False, "no": False}.get(value.strip().lower(), default)
+
+
+def _input_resampler(fmt: AudioFormat) -> StreamResampler:
+    """The session's microphone stream to 16 kHz; PCM16 goes in as the bytes it comes as (`_append_samples`)."""
+    return StreamResampler(fmt.rate, 16000, pcm16_input=fmt.encoding == "pcm16")
 
 
 def _check_instructions(text: str, param: str, event_id: str | None) -> None:

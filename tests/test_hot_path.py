@@ -223,8 +223,8 @@ def test_held_audio_changes_nothing_the_vad_does_and_when() -> None:
             config=SimpleNamespace(turn_detection=object(), input_format=AudioFormat("pcm16", 24000)),
             session=SimpleNamespace(mic_watched=watched, audio_slack=lambda: hub.samples_until_window("s")))
         # the connection's own methods, with decoding and the session's push as _append_samples/_take_audio do them
-        conn._append_samples = lambda raw, event: conn.to_16k(np.frombuffer(raw, "<i2").astype(np.float32) / 32768)
-        conn._take_audio = lambda samples, event: hub.push("s", samples)
+        conn._append_samples = lambda raw, event_id: conn.to_16k(np.frombuffer(raw, "<i2").astype(np.float32) / 32768)
+        conn._take_audio = lambda samples: hub.push("s", samples)
         for name in ("_new_hold_room", "_release_held"):
             setattr(conn, name, getattr(RealtimeConnection, name).__get__(conn))
 
@@ -235,7 +235,7 @@ def test_held_audio_changes_nothing_the_vad_does_and_when() -> None:
                 raw = RealtimeConnection._with_held(conn, raw)
             if len(raw) % 2:  # _append_samples refuses it (an error event) before anything else happens
                 return True
-            conn._take_audio(conn._append_samples(raw, None), None)
+            conn._take_audio(conn._append_samples(raw, None))
             conn._new_hold_room()
             return True
 
