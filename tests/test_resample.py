@@ -218,6 +218,35 @@ def test_scaled_pcm16_equals_decoded_then_resampled(orig_rate: int) -> None:
     np.testing.assert_array_equal(fused.flush(), plain.flush())
 
 
+@pytest.mark.parametrize("orig_rate", [24000, 48000, 8000, 44100, 16000])
+def test_pcm16_bytes_give_bit_for_bit_the_scaled_samples(orig_rate: int) -> None:
+    """A resampler made for PCM16 bytes (int16 buffer, the scale in the grouped matrix; issue 14) returns exactly
+    what `scaled` returns for the same samples: 20 ms chunks, odd sizes (a tail beyond the last whole group),
+    empty ones, ones past the buffer, the flush and a second stream. 44.1 kHz (ungrouped) and 16 kHz (equal
+    rates) take the float path inside; float samples are refused."""
+    from server.wire.audio_codec import PCM16_SCALE, pcm16_samples
+
+    rng = np.random.default_rng(orig_rate)
+    pcm = rng.integers(-32768, 32768, orig_rate * 3, dtype=np.int16).astype("<i2")
+    fast, plain = StreamingResampler(orig_rate, 16000, pcm16_input=True), StreamingResampler(orig_rate, 16000)
+    sizes = ([orig_rate // 50] * 7 + [1, 13, 5000, 7, 2, orig_rate // 25, 0, 4097, 5]) * 2
+    sizes += rng.integers(0, 2000, 40).tolist()
+    pos = 0
+    for n in sizes:
+        raw = pcm[pos : pos + n].tobytes()
+        pos += n
+        got = fast.pcm16(raw)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, plain.scaled(pcm16_samples(raw), PCM16_SCALE))
+    np.testing.assert_array_equal(fast.flush(), plain.flush())
+    raw = pcm[: orig_rate // 50].tobytes()
+    np.testing.assert_array_equal(fast.pcm16(raw), plain.scaled(pcm16_samples(raw), PCM16_SCALE))
+    with pytest.raises(TypeError, match="PCM16 bytes"):
+        fast(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="even number of bytes"):
+        fast.pcm16(b"\x01\x02\x03")
+
+
 def test_clip_path_uses_exact_resampler_and_logmel_vs_soxr() -> None:
     import soxr
 

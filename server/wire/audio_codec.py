@@ -72,9 +72,14 @@ def decode(raw: bytes, fmt: AudioFormat) -> np.ndarray:
 
 def pcm16_samples(raw: bytes) -> np.ndarray:
     """PCM16 wire bytes as int16 samples (a view); times `PCM16_SCALE` they are `decode`'s float32 samples."""
+    check_pcm16(raw)
+    return np.frombuffer(raw, _PCM16)
+
+
+def check_pcm16(raw: bytes) -> None:
+    """Refuse PCM16 wire bytes that are not whole samples."""
     if len(raw) % 2:
         raise AudioFormatError(f"PCM16 audio must have an even number of bytes; got {len(raw)}")
-    return np.frombuffer(raw, _PCM16)
 
 
 def encode(samples: np.ndarray, fmt: AudioFormat) -> bytes:
