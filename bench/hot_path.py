@@ -19,6 +19,11 @@ the append model built by `model_validate` vs by its validator; base64 by binasc
 buffer and the grouped BLAS product; the echo gate's ring write in a loop vs one slice. (The connection's
 `_check_append` needs a session: not here.)
 
+Rows "(pass 5)": issue 14's fifth pass, no switch: the append's model vs its two fields (what the direct
+path now reads); a 20 ms PCM16 chunk to 16 kHz as an int16 view scaled into a float32 buffer vs its bytes
+copied into the int16 buffer of a resampler made for PCM16 (`pcm16_input`; the same float32 output, bit for
+bit).
+
 Run:  .venv/bin/python bench/hot_path.py        (~1 min)
 """
 
@@ -48,8 +53,8 @@ from duplex.echo import EchoGate, EchoGateParams, EchoGuard, EchoGuardParams
 from duplex.vad import SileroModel, VadBank
 from models.resample import _apply, sinc_kernel
 from server.resampling import StreamResampler
-from server.wire.audio_codec import AudioFormat, decode
-from server.wire.client_events import AudioAppend, parse_audio_append, parse_client_event
+from server.wire.audio_codec import PCM16_SCALE, AudioFormat, decode, pcm16_samples
+from server.wire.client_events import AudioAppend, audio_append_fields, parse_audio_append, parse_client_event
 from server.wire.inline_data import decode_base64
 from server.ws_protocol import ParsedByWebsocketsProtocol, ReadAheadWebSocketProtocol
 
@@ -271,6 +276,13 @@ def main() -> None:
         ("resample 24 -> 16 kHz (streaming)", cost(lambda: old16(samples)), cost(lambda: to16(samples))),
         ("echo gate: push_mic", cost(lambda: push_mic_loop(old_gate, x16)), cost(lambda: gate.push_mic(x16))),
     ]
+    to16_scaled, to16_bytes = StreamResampler(24000, 16000), StreamResampler(24000, 16000, pcm16_input=True)
+    fifth = [  # issue 14's fifth pass (no switch)
+        ("append: the model / its two fields", cost(lambda: parse_audio_append(text)),
+         cost(lambda: audio_append_fields(text))),
+        ("PCM16 -> 16 kHz: int16 view, scaled / bytes", cost(lambda: to16_scaled.scaled(pcm16_samples(raw), PCM16_SCALE)),
+         cost(lambda: to16_bytes.pcm16(raw))),
+    ]
     unchanged = [
         ("VAD: push + batched rounds (100 streams)", vad_per_event(model)),
     ]
@@ -281,6 +293,9 @@ def main() -> None:
         print(f"{switch:<12} {step:<42} {before:>10.2f} {after:>9.2f} {(before - after) * EVENTS_PER_S / 1000:>19.3f}")
     for step, before, after in second:
         print(f"{'(round 2)':<12} {step:<42} {before:>10.2f} {after:>9.2f} "
+              f"{(before - after) * EVENTS_PER_S / 1000:>19.3f}")
+    for step, before, after in fifth:
+        print(f"{'(pass 5)':<12} {step:<42} {before:>10.2f} {after:>9.2f} "
               f"{(before - after) * EVENTS_PER_S / 1000:>19.3f}")
     print("\nunchanged steps, for scale")
     for step, us in unchanged:
