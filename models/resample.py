@@ -163,7 +163,9 @@ def _grouped_matrix(kernel: SincKernel, group: int) -> np.ndarray:
     return matrix
 
 
-PCM16_SCALE = np.float32(1 / 32768)  # PCM16 sample -> float: the wire's decode (server/wire/audio_codec.py)
+# PCM16 sample -> float, as the wire decodes it (server/wire/audio_codec.py's PCM16_SCALE, which the model layer
+# cannot import; tests/test_resample.py checks `pcm16` against the wire's decoding bit for bit).
+PCM16_SCALE = np.float32(1 / 32768)
 
 
 @lru_cache(maxsize=16)
@@ -203,8 +205,8 @@ class StreamingResampler:
 
     def __init__(self, orig_rate: int, new_rate: int, *, pcm16_input: bool = False) -> None:
         """``pcm16_input``: the stream comes as PCM16 bytes (`pcm16`), which the buffer then keeps as they
-        come (int16): no conversion array per chunk, and the held-back samples move by a byte copy. Such a
-        resampler takes nothing else (float samples: TypeError)."""
+        come (int16): no view and no scaled copy per chunk. Such a resampler takes nothing else (float
+        samples: TypeError)."""
         _check_rates(orig_rate, new_rate)
         self.orig_rate, self.new_rate = int(orig_rate), int(new_rate)
         kernel = self._kernel = None if self.orig_rate == self.new_rate else sinc_kernel(self.orig_rate, self.new_rate)
@@ -267,9 +269,7 @@ class StreamingResampler:
         of a resampler made without ``pcm16_input``, fewer numpy calls per chunk with it (issue 14)."""
         if len(raw) % 2:
             raise ValueError(f"PCM16 needs an even number of bytes; got {len(raw)}")
-        if not self._pcm16_input:
-            return self._scaled(np.frombuffer(raw, "<i2"), PCM16_SCALE)
-        if self._bytes is None:  # ungrouped or equal rates, or a big-endian machine: the float buffer serves it
+        if self._bytes is None:  # not made for PCM16, ungrouped or equal rates, big-endian: the float buffer
             return self._scaled(np.frombuffer(raw, "<i2"), PCM16_SCALE)
         self._received += len(raw) // 2
         return self._run16(raw)
@@ -373,8 +373,9 @@ class StreamingResampler:
         if plan is None:
             return self._run16_long(raw)
         _, fill, windows, rows, tail, keep, kept = plan  # (the samples go in through the bytes)
-        start = self._fill * 2
-        self._bytes[start : start + len(raw)] = raw  # type: ignore[index]
+        start, data = self._fill * 2, self._bytes
+        assert data is not None
+        data[start : start + len(raw)] = raw
         self._fill = fill
         if windows is None:
             return np.zeros(0, dtype=np.float32)
@@ -382,7 +383,7 @@ class StreamingResampler:
         np.copyto(rows, windows)  # int16 -> float32, exact
         out = np.dot(rows, self._grouped).ravel()
         if tail is not None:  # as `_run`'s tail product, on the same float32 values
-            first = rows.shape[0] * self._group * self._kernel.orig  # type: ignore[union-attr]
+            first = rows.shape[0] * self._group * self.orig_rate // math.gcd(self.orig_rate, self.new_rate)
             out = np.concatenate((out, (self._float_windows(tail, first) @ self._matrix).ravel()))
         keep[...] = kept
         self._emitted += out.size
