@@ -367,6 +367,8 @@ class StreamingResampler:
     def _run16(self, raw: bytes) -> np.ndarray:
         """`_run` for PCM16 bytes into the int16 buffer: the bytes copied in, the grouped windows converted as
         they are copied to the rows, the product with the scaled matrix; the same float32 output."""
+        kernel = self._kernel
+        assert kernel is not None
         size = len(raw) // 2
         key = (self._fill, size)
         plan = self._plans.get(key) or self._make_plan(*key)
@@ -383,7 +385,7 @@ class StreamingResampler:
         np.copyto(rows, windows)  # int16 -> float32, exact
         out = np.dot(rows, self._grouped).ravel()
         if tail is not None:  # as `_run`'s tail product, on the same float32 values
-            first = rows.shape[0] * self._group * self.orig_rate // math.gcd(self.orig_rate, self.new_rate)
+            first = rows.shape[0] * self._group * kernel.orig
             out = np.concatenate((out, (self._float_windows(tail, first) @ self._matrix).ravel()))
         keep[...] = kept
         self._emitted += out.size
