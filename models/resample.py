@@ -311,20 +311,28 @@ class StreamingResampler:
         plan = self._plans.get(key) or self._make_plan(*key)
         if plan is None:  # a long chunk: through a new array, as one offline call would
             return self._run_long(chunk if scale is None else chunk * scale)
-        into, fill, windows, rows, tail, keep, kept = plan
+        into = plan[0]
         if scale is None:
             into[...] = chunk
         else:
             np.multiply(chunk, scale, out=into)
+        return self._consume(plan)
+
+    def _consume(self, plan: _Plan) -> np.ndarray:
+        """With the plan's chunk in the buffer: the output of every complete block, which it consumes."""
+        _, fill, windows, rows, tail, keep, kept = plan
         self._fill = fill
         if windows is None:  # not one complete window yet
             return np.zeros(0, dtype=np.float32)
         if rows is None:  # no grouping: `_apply`'s product
             out = (windows @ self._matrix).ravel()
         else:
-            np.copyto(rows, windows)
+            np.copyto(rows, windows)  # (from an int16 buffer: converted as copied, exactly)
             out = np.dot(rows, self._grouped).ravel()
             if tail is not None:  # blocks beyond the last whole group (an odd chunk size)
+                if self._bytes is not None:  # int16 windows: multiplied as `_run` multiplies their float32 values
+                    assert self._kernel is not None
+                    tail = self._float_windows(tail, rows.shape[0] * self._group * self._kernel.orig)
                 out = np.concatenate((out, (tail @ self._matrix).ravel()))
         keep[...] = kept  # the held-back input to the buffer's front (numpy copies overlaps safely)
         self._emitted += out.size
@@ -367,29 +375,14 @@ class StreamingResampler:
     def _run16(self, raw: bytes) -> np.ndarray:
         """`_run` for PCM16 bytes into the int16 buffer: the bytes copied in, the grouped windows converted as
         they are copied to the rows, the product with the scaled matrix; the same float32 output."""
-        kernel = self._kernel
-        assert kernel is not None
-        size = len(raw) // 2
-        key = (self._fill, size)
+        key = (self._fill, len(raw) // 2)
         plan = self._plans.get(key) or self._make_plan(*key)
         if plan is None:
             return self._run16_long(raw)
-        _, fill, windows, rows, tail, keep, kept = plan  # (the samples go in through the bytes)
-        start, data = self._fill * 2, self._bytes
+        start, data = self._fill * 2, self._bytes  # the samples go in through the bytes, not the plan's view
         assert data is not None
         data[start : start + len(raw)] = raw
-        self._fill = fill
-        if windows is None:
-            return np.zeros(0, dtype=np.float32)
-        assert rows is not None
-        np.copyto(rows, windows)  # int16 -> float32, exact
-        out = np.dot(rows, self._grouped).ravel()
-        if tail is not None:  # as `_run`'s tail product, on the same float32 values
-            first = rows.shape[0] * self._group * kernel.orig
-            out = np.concatenate((out, (self._float_windows(tail, first) @ self._matrix).ravel()))
-        keep[...] = kept
-        self._emitted += out.size
-        return out
+        return self._consume(plan)
 
     def _float_windows(self, windows: np.ndarray, first: int) -> np.ndarray:
         """The buffer's overlapping int16 windows from sample `first` on, as the float32 windows `_run` would
