@@ -181,6 +181,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         lambda: float(max((c.held_bytes() for c in list(state.connections)), default=0))
     )
     state.metrics.session_memory_budget.set(settings.session_memory_mib << 20)
+    state.metrics.sessions_ended_in_memory.set_function(lambda: float(len(state.ended_sessions)))
+    state.metrics.requests_ended_in_memory.set_function(lambda: float(len(state.ended_requests)))
     state.metrics.tts_in_flight.set_function(lambda: float(pool.voice_requests_in_flight()))
 
     async def start_engines() -> None:

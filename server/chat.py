@@ -537,6 +537,7 @@ class _Generation:
         if self._closed:
             return
         self._closed = True
+        self._app.ended_requests.add(self)
         # Shielded: this runs while a disconnected stream is being cancelled, and the abort must still happen.
         with anyio.CancelScope(shield=True):
             try:
@@ -764,6 +765,10 @@ async def _stream(
     yield "[DONE]"
 
 
+async def _nothing_to_close() -> None:
+    return None
+
+
 class _EventStream(EventSourceResponse):
     """SSE (sse-starlette: the framing, keep-alive pings, client-disconnect detection) whose `on_close` runs
     however the response ends: completed, client gone, or never started."""
@@ -783,6 +788,10 @@ class _EventStream(EventSourceResponse):
                     with contextlib.suppress(Exception):
                         await aclose()
                 await self._on_close()
+            # sse-starlette's task group leaves a reference cycle behind (a cancelled task's traceback holds the
+            # frame whose callback holds this response) that only the interpreter's rare full collection frees:
+            # the generation, with its prompt's audio and images, must not be in it (the closed stream is empty).
+            self._on_close = _nothing_to_close
 
 
 # --- the endpoint ----------------------------------------------------------------------------------------

@@ -80,6 +80,14 @@ class Metrics:
         self.session_memory_max = Gauge(
             "vita_session_memory_max_bytes", "the most any one realtime session holds", registry=self.registry
         )
+        self.sessions_ended_in_memory = Gauge(
+            "vita_sessions_ended_in_memory", "realtime sessions that have ended but are not yet freed: each should "
+            "go within a moment of its end; a count that grows is memory leaking", registry=self.registry,
+        )
+        self.requests_ended_in_memory = Gauge(
+            "vita_chat_requests_ended_in_memory", "chat completions that have ended but are not yet freed (their "
+            "prompt's audio and images with them): each should go within a moment of its end", registry=self.registry,
+        )
         self.session_memory_budget = Gauge(
             "vita_session_memory_budget_bytes", "what one session may hold (session_memory_mib)", registry=self.registry
         )

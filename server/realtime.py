@@ -132,6 +132,8 @@ async def realtime(ws: WebSocket) -> None:
         await connection.run()
     finally:
         state.connections.discard(connection)
+        if connection is not None:
+            state.ended_sessions.add(connection)
         release()
 
 
@@ -249,8 +251,8 @@ class RealtimeConnection:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 exc = None if task.cancelled() else task.exception()
-                if isinstance(exc, _Closing):
-                    self._closing = self._closing or exc
+                if isinstance(exc, _Closing):  # its traceback would hold the task's frame, and so this connection
+                    self._closing = self._closing or exc.with_traceback(None)
                 elif exc is not None and not isinstance(exc, WebSocketDisconnect):
                     log.error("session failed", exc_info=exc)
                     self._closing = self._closing or _Closing(1011, "internal error")
@@ -260,6 +262,12 @@ class RealtimeConnection:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # A finished task keeps its exception, whose traceback holds the task's frame and so this
+            # connection: a cycle that only a full collection (rare in a process this size) would free, with
+            # the session's audio, items and sockets in it. Dropping the tasks lets reference counting free
+            # the session as soon as the socket's handler returns.
+            self._tasks = []
+            tasks.clear()
             await self.session.close()  # abort engine requests, stop TTS: nothing outlives the socket
             self.manual_audio, self.manual_samples = [], 0  # the memory goes back now, not at the next full GC
             self.on_end()

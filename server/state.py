@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ class AppState:
     startup_error: str | None = None
     shutting_down: bool = False
     connections: set[Any] = field(default_factory=set)  # live realtime connections
+    # Realtime connections and chat requests that have ended and are still in memory: each should be freed
+    # when it ends; one kept (by a reference cycle, until the interpreter's rare full collection, or by a
+    # leak, for good) keeps its audio, images and items with it. On /metrics: vita_*_ended_in_memory.
+    ended_sessions: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
+    ended_requests: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
     background: set[Any] = field(default_factory=set)  # tasks that must outlive their session (socket closes)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _freed: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever a slot is released

@@ -28,6 +28,7 @@ once websockets' parser is idle between frames again. `hot_path_off = ["wsframe"
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -120,6 +121,7 @@ class ReadAheadWebSocketProtocol(WebSocketsSansIOProtocol):
         self._partial = bytearray()
         self._partial_needs = 0  # the partial frame's total size once its header is known: wait until then
         self._max_size = NO_SIZE_LIMIT
+        self._abort_timer: asyncio.TimerHandle | None = None  # run_asgi's, for a client that stopped reading
 
     def data_received(self, data: bytes) -> None:
         if (self._at_boundary or self._find_boundary()) and self.conn.state is State.OPEN and not self.close_sent:
@@ -201,6 +203,17 @@ class ReadAheadWebSocketProtocol(WebSocketsSansIOProtocol):
             # `set_text_consumer`.
             self.scope["extensions"][TEXT_CONSUMER_EXTENSION] = {"register": self.set_text_consumer}
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+        # The scope's extension and the consumer refer back to this protocol (a bound method, a connection
+        # holding the socket): cycles that would keep a closed connection for the next full collection.
+        scope = getattr(self, "scope", None)  # set by the handshake, which the connection may not have reached
+        if scope is not None:
+            scope.get("extensions", {}).pop(TEXT_CONSUMER_EXTENSION, None)
+        self._consumer = None
+
     def set_text_consumer(self, consumer: Callable[[str], bool] | None) -> None:
         """Hand text messages to `consumer` in the transport's callback instead of queueing them for
         `receive()`, whenever nothing is queued (so the order is kept): it returns True when it took the
@@ -230,7 +243,8 @@ class ReadAheadWebSocketProtocol(WebSocketsSansIOProtocol):
         # The application is done with the connection and uvicorn has closed the transport, which still
         # flushes what is buffered first: a client that stopped reading would hold the socket (and the
         # messages read ahead of it) for good. Abort it after the close timeout, as the legacy protocol does.
-        self.loop.call_later(self.close_timeout, self._abort_if_open)
+        if not self.disconnected:  # cancelled when the connection is lost (the timer holds this protocol)
+            self._abort_timer = self.loop.call_later(self.close_timeout, self._abort_if_open)
 
     def _abort_if_open(self) -> None:
         if not self.disconnected:

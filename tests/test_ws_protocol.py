@@ -5,9 +5,11 @@ message of the two can be compared, and through a real uvicorn server on a real 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import socket
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -502,3 +504,27 @@ async def test_a_consumer_takes_texts_only_while_nothing_is_queued(connect: Call
     extension["register"](None)
     conn.feed(texts("take 7"))
     assert taken[-1] == "take 6" and [m["text"] for m in conn.messages()] == ["take 7"]
+
+
+async def test_a_closed_connection_is_freed_by_reference_counting(echo_server: uvicorn.Server, echo_url: str) -> None:
+    """Once the client has gone, nothing keeps the protocol: not the text-consumer extension in its scope (a
+    bound method of itself), not a consumer registered through it, not the timer that aborts a socket whose
+    client stopped reading. A cycle there would keep each closed connection, its buffers and its transport,
+    until the interpreter's next full collection: the cyclic collector is off for this test."""
+    gc.disable()
+    try:
+        async with websockets.connect(echo_url, compression=None) as ws:
+            await ws.send(APPEND)
+            assert await ws.recv() == APPEND
+            (protocol,) = [p for p in echo_server.server_state.connections
+                           if isinstance(p, ReadAheadWebSocketProtocol)]
+            protocol.scope["extensions"]["vita.text_consumer"]["register"](lambda text: False)
+            freed = weakref.ref(protocol)
+            del protocol
+        for _ in range(200):
+            if freed() is None:
+                break
+            await asyncio.sleep(0.01)
+        assert freed() is None, f"the closed connection is kept by {[type(r).__name__ for r in gc.get_referrers(freed())]}"
+    finally:
+        gc.enable()
