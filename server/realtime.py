@@ -269,7 +269,7 @@ class RealtimeConnection:
             self._tasks = []
             tasks.clear()
             await self.session.close()  # abort engine requests, stop TTS: nothing outlives the socket
-            self.manual_audio, self.manual_samples = [], 0  # the memory goes back now, not at the next full GC
+            self.manual_audio, self.manual_samples = [], 0  # the memory goes back now, not after the close handshake
             self.on_end()
             if self._closing is not None:
                 log.info("closing session: %s", self._closing.reason)
