@@ -543,6 +543,7 @@ class _Generation:
             try:
                 if self.finish_reason is None and self._stream is not None:
                     await self.engine.abort(self.request_id)
+                    self._app.metrics.chat_aborted.inc()
                 if self._stream is not None:
                     with contextlib.suppress(Exception):
                         await self._stream.aclose()  # type: ignore[attr-defined]

@@ -84,6 +84,10 @@ class Metrics:
             "vita_sessions_ended_in_memory", "realtime sessions that have ended but are not yet freed: each should "
             "go within a moment of its end; a count that grows is memory leaking", registry=self.registry,
         )
+        self.chat_aborted = Counter(
+            "vita_chat_requests_aborted_total", "chat completions whose engine request was aborted before it ended "
+            "(the client went away)", registry=self.registry,
+        )
         self.requests_ended_in_memory = Gauge(
             "vita_chat_requests_ended_in_memory", "chat completions that have ended but are not yet freed (their "
             "prompt's audio and images with them): each should go within a moment of its end", registry=self.registry,

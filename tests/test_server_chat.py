@@ -313,8 +313,16 @@ def test_stream_disconnect_aborts_the_engine_request(server_url: str) -> None:
     assert wait_idle(server_url, within_s=1.0) == 0
 
 
+def aborted(server_url: str) -> float:
+    text = httpx.get(server_url + "/metrics", timeout=5).text
+    match = re.search(r"^vita_chat_requests_aborted_total (\S+)$", text, re.MULTILINE)
+    assert match, "the aborted-requests counter is missing from /metrics"
+    return float(match.group(1))
+
+
 def test_non_stream_disconnect_aborts_the_engine_request(server_url: str) -> None:
     body = {"model": "vita", "max_tokens": 2000, "messages": [{"role": "user", "content": LONG_PROMPT}]}
+    before = aborted(server_url)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(
             server_url + "/v1/chat/completions",
@@ -325,6 +333,8 @@ def test_non_stream_disconnect_aborts_the_engine_request(server_url: str) -> Non
             headers={"Authorization": f"Bearer {API_KEY}"},
         )
     assert wait_idle(server_url, within_s=1.5) == 0
+    # Aborted, not run to its end: the idle server alone cannot tell (48 tokens end within the wait anyway).
+    assert aborted(server_url) == before + 1
 
 
 def test_at_capacity_is_503_and_slots_come_back(server_url: str, client: openai.OpenAI) -> None:
