@@ -213,7 +213,7 @@ async def test_a_slot_is_free_as_soon_as_the_server_ends_a_session(service: Serv
         # The session the server ended is freed with it, not kept for the interpreter's next full collection
         # (tests/test_hardening.py has the session a client ends).
         for _ in range(100):
-            ended = _gauge(await asyncio.to_thread(_get, service.url + "/metrics"), "vita_sessions_ended_in_memory")
+            ended = await asyncio.to_thread(_metric, service.url, "vita_sessions_ended_in_memory")
             if ended == 0:
                 break
             await asyncio.sleep(0.1)
@@ -224,16 +224,6 @@ async def test_a_slot_is_free_as_soon_as_the_server_ends_a_session(service: Serv
             sock.shutdown(socket.SHUT_RDWR)  # the flooding thread's next send fails: it stops
         flood.join(30)
         sock.close()
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
-
-
-def _gauge(metrics: str, name: str) -> float:
-    (line,) = [line for line in metrics.splitlines() if line.startswith(name + " ")]
-    return float(line.split()[1])
 
 
 # --- whose fault ----------------------------------------------------------------------------------------

@@ -52,11 +52,15 @@ def as_messages(*messages: dict[str, Any]) -> list[Any]:
     return list(messages)
 
 
-def in_flight(server_url: str) -> float:
+def metric(server_url: str, name: str) -> float:
     text = httpx.get(server_url + "/metrics", timeout=5).text
-    match = re.search(r"^vita_engine_requests_in_flight (\S+)$", text, re.MULTILINE)
-    assert match, "the in-flight gauge is missing from /metrics"
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} is missing from /metrics"
     return float(match.group(1))
+
+
+def in_flight(server_url: str) -> float:
+    return metric(server_url, "vita_engine_requests_in_flight")
 
 
 def wait_idle(server_url: str, within_s: float = 1.0) -> float:
@@ -130,12 +134,10 @@ def test_ended_requests_are_freed_with_their_media(client: openai.OpenAI, media_
         if stream:
             assert list(reply)  # type: ignore[call-overload]
     for _ in range(100):
-        metrics = httpx.get(server_url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).text
-        (line,) = [line for line in metrics.splitlines() if line.startswith("vita_chat_requests_ended_in_memory ")]
-        if float(line.split()[1]) == 0:
+        if (ended := metric(server_url, "vita_chat_requests_ended_in_memory")) == 0:
             break
         time.sleep(0.1)
-    assert float(line.split()[1]) == 0, "an ended chat request is still in memory"
+    assert ended == 0, "an ended chat request is still in memory"
 
 
 def test_image_and_audio_streaming(client: openai.OpenAI, media_parts: list[dict]) -> None:
@@ -313,16 +315,9 @@ def test_stream_disconnect_aborts_the_engine_request(server_url: str) -> None:
     assert wait_idle(server_url, within_s=1.0) == 0
 
 
-def aborted(server_url: str) -> float:
-    text = httpx.get(server_url + "/metrics", timeout=5).text
-    match = re.search(r"^vita_chat_requests_aborted_total (\S+)$", text, re.MULTILINE)
-    assert match, "the aborted-requests counter is missing from /metrics"
-    return float(match.group(1))
-
-
 def test_non_stream_disconnect_aborts_the_engine_request(server_url: str) -> None:
     body = {"model": "vita", "max_tokens": 2000, "messages": [{"role": "user", "content": LONG_PROMPT}]}
-    before = aborted(server_url)
+    before = metric(server_url, "vita_chat_requests_aborted_total")
     with pytest.raises(httpx.TimeoutException):
         httpx.post(
             server_url + "/v1/chat/completions",
@@ -334,7 +329,7 @@ def test_non_stream_disconnect_aborts_the_engine_request(server_url: str) -> Non
         )
     assert wait_idle(server_url, within_s=1.5) == 0
     # Aborted, not run to its end: the idle server alone cannot tell (48 tokens end within the wait anyway).
-    assert aborted(server_url) == before + 1
+    assert metric(server_url, "vita_chat_requests_aborted_total") == before + 1
 
 
 def test_at_capacity_is_503_and_slots_come_back(server_url: str, client: openai.OpenAI) -> None:
